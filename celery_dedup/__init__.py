@@ -1,0 +1,25 @@
+"""Run each Celery job once: enqueue dedup, fenced execution leases, an outbox."""
+
+from __future__ import annotations
+
+from .exceptions import (
+    BackendUnavailableError,
+    ConfigurationError,
+    DedupError,
+    DuplicateTaskError,
+    LockLostError,
+)
+from .task import DedupResult, DedupTask
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "ConfigurationError",
+    "DedupError",
+    "DedupResult",
+    "DedupTask",
+    "DuplicateTaskError",
+    "LockLostError",
+    "__version__",
+]

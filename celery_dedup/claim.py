@@ -1,0 +1,84 @@
+"""The enqueue claim: one Redis key per dedup key, naming the task that holds it.
+
+Taken in one round trip before a publish; released (owner-checked) when the
+task finishes, starts or fails, as its lock mode says, or when the publish
+itself fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Final
+
+import redis
+
+# KEYS[1] - the claim key
+# ARGV[1] - the task id asking for it
+# ARGV[2] - time to live, in milliseconds
+# Returns {1, id} for a new claim, {2, id} when ARGV[1] already held it (its TTL
+# is raised to ARGV[2] if that is longer), {0, holder id} when another holds it.
+CLAIM: Final = """
+local holder = redis.call('GET', KEYS[1])
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {1, ARGV[1]}
+end
+if holder == ARGV[1] then
+  if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  end
+  return {2, holder}
+end
+return {0, holder}
+"""
+
+# KEYS[1] - the claim key
+# ARGV[1] - the task id that believes it holds it
+# Returns 1 if it held the claim and it is now deleted, else 0.
+RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+NEW: Final = 1
+OWN: Final = 2
+TAKEN: Final = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimResult:
+    """What the claim script answered: NEW, OWN or TAKEN, and the holder."""
+
+    status: int
+    holder: str
+
+    @property
+    def acquired(self) -> bool:
+        return self.status != TAKEN
+
+
+class Claims:
+    """The claim scripts, registered once on one Redis client."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._claim = client.register_script(CLAIM)
+        self._release = client.register_script(RELEASE)
+
+    def claim(self, key: str, task_id: str, ttl: float) -> ClaimResult:
+        """Claim ``key`` for ``task_id`` for ``ttl`` seconds, or report its holder."""
+        status, holder = self._claim(keys=[key], args=[task_id, _ms(ttl)])
+        return ClaimResult(int(status), _text(holder))
+
+    def release(self, key: str, task_id: str) -> bool:
+        """Delete ``key`` if ``task_id`` holds it; True if it did."""
+        return bool(self._release(keys=[key], args=[task_id]))
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,258 @@
+"""Settings: every ``dedup_*`` key of ``app.conf``, read once and cached per app.
+
+Precedence for a task option is decided in one place, :func:`resolve`:
+call option > task attribute > ``dedup_tasks`` entry > celeryconfig setting >
+default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from .exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+LOCK_MODES: Final = (
+    "until_executed",
+    "until_executing",
+    "while_executing",
+    "until_and_while_executing",
+    "until_expired",
+)
+CONFLICT_RULES: Final = ("skip", "raise", "reschedule")
+REDIS_ERROR_RULES: Final = ("raise", "proceed")
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _positive_number(setting: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(
+            setting, f"expected a number of seconds, got {value!r}"
+        )
+    if not value > 0:
+        raise ConfigurationError(setting, f"must be greater than 0, got {value!r}")
+    return float(value)
+
+
+def _choice(setting: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigurationError(
+            setting, f"expected one of {', '.join(choices)}; got {value!r}"
+        )
+    return str(value)
+
+
+def _bool(setting: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(setting, f"expected True or False, got {value!r}")
+    return value
+
+
+def _optional_str(setting: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ConfigurationError(setting, f"expected a string, got {value!r}")
+    return value
+
+
+def _key_prefix(setting: str, value: Any) -> str:
+    if not isinstance(value, str) or not value or set("{}") & set(value):
+        raise ConfigurationError(
+            setting, f"expected a non-empty string without braces, got {value!r}"
+        )
+    return value
+
+
+def _identifier(setting: str, value: Any) -> str:
+    if not isinstance(value, str) or not _IDENTIFIER.match(value):
+        raise ConfigurationError(
+            setting, f"expected an SQL identifier (letters, digits, _), got {value!r}"
+        )
+    return value
+
+
+def _dedup_key(setting: str, value: Any) -> Any:
+    """``None``, a sequence of argument names, or a callable ``(args, kwargs)``."""
+    if value is None or callable(value):
+        return value
+    if isinstance(value, str):
+        raise ConfigurationError(
+            setting,
+            f"a bare string {value!r} is ambiguous: write ({value!r},) for an "
+            "argument name or a callable for a computed key",
+        )
+    if isinstance(value, Sequence) and all(isinstance(n, str) for n in value):
+        if not value:
+            raise ConfigurationError(setting, "the list of argument names is empty")
+        return tuple(value)
+    raise ConfigurationError(
+        setting,
+        f"expected None, a sequence of argument names or a callable, got {value!r}",
+    )
+
+
+def _max_running(setting: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(setting, f"expected an integer >= 1, got {value!r}")
+    return value
+
+
+# The options a task may set (as an attribute, a ``dedup_tasks`` entry or a call
+# keyword), each with its validator.
+TASK_OPTIONS: Final[dict[str, Callable[[str, Any], Any]]] = {
+    "dedup_key": _dedup_key,
+    "dedup_lock": lambda s, v: _choice(s, v, LOCK_MODES),
+    "dedup_on_conflict": lambda s, v: _choice(s, v, CONFLICT_RULES),
+    "dedup_ttl": _positive_number,
+    "dedup_lock_ttl": _positive_number,
+    "dedup_max_running": _max_running,
+}
+
+
+def validate_task_option(name: str, value: Any, where: str = "") -> Any:
+    """Check one task option; ``where`` prefixes the name in the error."""
+    label = f"{where}{name}"
+    try:
+        validator = TASK_OPTIONS[name]
+    except KeyError:
+        raise ConfigurationError(
+            label,
+            f"unknown option; expected one of {', '.join(sorted(TASK_OPTIONS))}",
+        ) from None
+    return validator(label, value)
+
+
+def _tasks(setting: str, value: Any) -> Mapping[str, Mapping[str, Any]]:
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(
+            setting, f"expected a mapping of task name to options, got {value!r}"
+        )
+    checked: dict[str, Mapping[str, Any]] = {}
+    for name, options in value.items():
+        where = f"{setting}[{name!r}]"
+        if not isinstance(options, Mapping):
+            raise ConfigurationError(where, f"expected a mapping, got {options!r}")
+        checked[name] = {
+            opt: validate_task_option(opt, v, f"{where}.") for opt, v in options.items()
+        }
+    return checked
+
+
+@dataclasses.dataclass(frozen=True)
+class DedupConfig:
+    """The ``dedup_*`` settings of one app, validated."""
+
+    enabled: bool = True
+    redis_url: str | None = None
+    key_prefix: str = "dedup"
+    lock: str = "until_executed"
+    on_conflict: str = "skip"
+    ttl: float = 3600.0
+    lock_ttl: float = 60.0
+    done_ttl: float = 86400.0
+    tasks: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    on_redis_error: str = "raise"
+    outbox_url: str | None = None
+    outbox_table: str = "celery_dedup_outbox"
+    outbox_exchange: str = "celery_dedup.events"
+    outbox_relay: bool = False
+
+
+_SETTINGS: Final[dict[str, Callable[[str, Any], Any]]] = {
+    "dedup_enabled": _bool,
+    "dedup_redis_url": _optional_str,
+    "dedup_key_prefix": _key_prefix,
+    "dedup_lock": TASK_OPTIONS["dedup_lock"],
+    "dedup_on_conflict": TASK_OPTIONS["dedup_on_conflict"],
+    "dedup_ttl": _positive_number,
+    "dedup_lock_ttl": _positive_number,
+    "dedup_done_ttl": _positive_number,
+    "dedup_tasks": _tasks,
+    "dedup_on_redis_error": lambda s, v: _choice(s, v, REDIS_ERROR_RULES),
+    "dedup_outbox_url": _optional_str,
+    "dedup_outbox_table": _identifier,
+    "dedup_outbox_exchange": _key_prefix,
+    "dedup_outbox_relay": _bool,
+}
+SETTINGS: Final = tuple(_SETTINGS)
+
+_cache: weakref.WeakKeyDictionary[Celery, DedupConfig] = weakref.WeakKeyDictionary()
+
+
+def from_mapping(conf: Mapping[str, Any]) -> DedupConfig:
+    """Validate the ``dedup_*`` keys of ``conf`` into a :class:`DedupConfig`."""
+    values: dict[str, Any] = {}
+    for name in conf:
+        if not (isinstance(name, str) and name.lower().startswith("dedup_")):
+            continue
+        value = conf[name]
+        if name not in _SETTINGS:
+            raise ConfigurationError(
+                name,
+                "unknown celery-dedup setting; expected one of " + ", ".join(SETTINGS),
+            )
+        if value is None and name not in ("dedup_redis_url", "dedup_outbox_url"):
+            continue  # None means "the default", as in Celery's own settings
+        values[name.removeprefix("dedup_")] = _SETTINGS[name](name, value)
+    return DedupConfig(**values)
+
+
+def get_config(app: Celery) -> DedupConfig:
+    """The app's settings, read from ``app.conf`` on first use and then cached."""
+    try:
+        return _cache[app]
+    except KeyError:
+        config = _cache[app] = from_mapping(app.conf)
+        return config
+
+
+def forget(app: Celery) -> None:
+    """Forget the cached settings of ``app``, so the next use reads them anew."""
+    _cache.pop(app, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskOptions:
+    """The options in force for one call of one task."""
+
+    key: Any
+    lock: str
+    on_conflict: str
+    ttl: float
+    lock_ttl: float
+    max_running: int
+
+
+def resolve(
+    config: DedupConfig,
+    task_name: str,
+    attributes: Mapping[str, Any],
+    call: Mapping[str, Any],
+) -> TaskOptions:
+    """Merge call options, task attributes, ``dedup_tasks`` and settings.
+
+    ``attributes`` holds the task's class attributes that were set (not None);
+    ``call`` the ``dedup_*`` keywords given to ``apply_async``, already checked.
+    """
+    per_task = config.tasks.get(task_name, {})
+
+    def pick(name: str, default: Any) -> Any:
+        for source in (call, attributes, per_task):
+            if source.get(name) is not None:
+                return source[name]
+        return default
+
+    return TaskOptions(
+        key=pick("dedup_key", None),
+        lock=pick("dedup_lock", config.lock),
+        on_conflict=pick("dedup_on_conflict", config.on_conflict),
+        ttl=pick("dedup_ttl", config.ttl),
+        lock_ttl=pick("dedup_lock_ttl", config.lock_ttl),
+        max_running=pick("dedup_max_running", 1),
+    )

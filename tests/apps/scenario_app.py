@@ -1,0 +1,105 @@
+"""The Celery app that the integration and scenario tests run in real workers.
+
+Its Redis comes from ``DEDUP_TEST_REDIS_URL`` (set by the rig for the worker
+processes) or from :func:`configure` (called by the rig in the test process).
+Each task body records its run in Redis, so a test can count executions and
+find overlaps after the fact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+
+from celery_dedup import DedupTask
+from celery_dedup.connection import reset
+
+app = Celery("scenario_app")
+_recorder: dict[str, redis.Redis] = {}
+
+
+def configure(url: str) -> None:
+    """Point the app (broker, results, dedup keys, recorder) at ``url``."""
+    base = url.rsplit("/", 1)[0]
+    app.conf.update(
+        broker_url=f"{base}/0",
+        result_backend=f"{base}/1",
+        dedup_redis_url=f"{base}/0",
+        broker_connection_retry_on_startup=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=os.environ.get("DEDUP_TEST_QUEUE", "celery"),
+        result_expires=600,
+    )
+    reset(app)
+    _recorder["client"] = redis.Redis.from_url(f"{base}/2")
+
+
+if "DEDUP_TEST_REDIS_URL" in os.environ:
+    configure(os.environ["DEDUP_TEST_REDIS_URL"])
+
+
+def record(name: str, task_id: str | None, started: float, **extra: Any) -> None:
+    """Append one finished run of ``name`` to the Redis list ``runs:<name>``."""
+    entry = {
+        "task_id": task_id,
+        "start": started,
+        "end": time.time(),
+        "pid": os.getpid(),
+    }
+    _recorder["client"].rpush(f"runs:{name}", json.dumps({**entry, **extra}))
+
+
+def mark_started(name: str, task_id: str | None) -> None:
+    """Say, before the body sleeps, which process runs it (to kill it)."""
+    _recorder["client"].rpush(
+        f"started:{name}", json.dumps({"task_id": task_id, "pid": os.getpid()})
+    )
+
+
+@app.task(base=DedupTask, bind=True)
+def close_campaign(self: DedupTask, campaign_id: int, pause: float = 0.5) -> int:
+    """Seed 000's job: find the winners of one campaign (takes ``pause`` s)."""
+    started = time.time()
+    mark_started("close_campaign", self.request.id)
+    time.sleep(pause)
+    record("close_campaign", self.request.id, started, campaign_id=campaign_id)
+    return campaign_id
+
+
+@app.task(base=DedupTask, bind=True, dedup_key=("x",))
+def add(self: DedupTask, x: int, y: int = 0) -> int:
+    """Keyed on ``x`` only."""
+    record("add", self.request.id, time.time(), x=x, y=y)
+    return x + y
+
+
+class Flaky(Exception):
+    """The failure that ``flaky`` retries on."""
+
+
+@app.task(
+    base=DedupTask,
+    bind=True,
+    autoretry_for=(Flaky,),
+    retry_backoff=False,
+    default_retry_delay=0.2,
+    max_retries=5,
+)
+def flaky(self: DedupTask, job: str, failures: int = 2) -> str:
+    """Fails ``failures`` times, then succeeds."""
+    record("flaky", self.request.id, time.time(), retries=self.request.retries)
+    if self.request.retries < failures:
+        raise Flaky(job)
+    return job
+
+
+@app.task(base=DedupTask, bind=True)
+def doomed(self: DedupTask, job: str) -> None:
+    """Always fails, no retries: a final failure."""
+    record("doomed", self.request.id, time.time())
+    raise RuntimeError(job)
