@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import checks as _checks  # noqa: F401  (connects the start-up checks)
 from .exceptions import (
     BackendUnavailableError,
     ConfigurationError,

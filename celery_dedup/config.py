@@ -69,6 +69,14 @@ def _key_prefix(setting: str, value: Any) -> str:
     return value
 
 
+def _exchange(setting: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(
+            setting, f"expected a non-empty exchange name, got {value!r}"
+        )
+    return value
+
+
 def _identifier(setting: str, value: Any) -> str:
     if not isinstance(value, str) or not _IDENTIFIER.match(value):
         raise ConfigurationError(
@@ -177,7 +185,7 @@ _SETTINGS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "dedup_on_redis_error": lambda s, v: _choice(s, v, REDIS_ERROR_RULES),
     "dedup_outbox_url": _optional_str,
     "dedup_outbox_table": _identifier,
-    "dedup_outbox_exchange": _key_prefix,
+    "dedup_outbox_exchange": _exchange,
     "dedup_outbox_relay": _bool,
 }
 SETTINGS: Final = tuple(_SETTINGS)
@@ -188,13 +196,20 @@ _cache: weakref.WeakKeyDictionary[Celery, DedupConfig] = weakref.WeakKeyDictiona
 def from_mapping(conf: Mapping[str, Any]) -> DedupConfig:
     """Validate the ``dedup_*`` keys of ``conf`` into a :class:`DedupConfig`."""
     values: dict[str, Any] = {}
-    for name in conf:
-        if not (isinstance(name, str) and name.lower().startswith("dedup_")):
+    names = list(conf)  # first: Celery loads a lazy config (and its namespace)
+    prefix = (getattr(conf, "prefix", None) or "").upper()
+    for spelled in names:
+        name = str(spelled)
+        if prefix and name.upper().startswith(prefix):
+            name = name[len(prefix) :]
+        if name.isupper():  # DEDUP_TTL, as Django-style settings are spelled
+            name = name.lower()
+        if not name.lower().startswith("dedup_"):
             continue
-        value = conf[name]
+        value = conf[spelled]
         if name not in _SETTINGS:
             raise ConfigurationError(
-                name,
+                spelled,
                 "unknown celery-dedup setting; expected one of " + ", ".join(SETTINGS),
             )
         if value is None and name not in ("dedup_redis_url", "dedup_outbox_url"):

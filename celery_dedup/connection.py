@@ -16,6 +16,7 @@ from .claim import Claims
 from .config import DedupConfig, forget, get_config
 from .exceptions import ConfigurationError
 from .keys import redis_key
+from .lease import Leases
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -30,6 +31,7 @@ class Backend:
     config: DedupConfig
     redis: redis.Redis
     claims: Claims
+    leases: Leases
 
     def key(self, key: str, part: str) -> str:
         """The Redis key of ``part`` of dedup key ``key``."""
@@ -63,13 +65,18 @@ def get_backend(app: Celery) -> Backend:
     try:
         return _backends[app]
     except KeyError:
+        config = get_config(app)
+        url = redis_url(app)
         client = redis.Redis.from_url(
-            redis_url(app),
-            socket_timeout=5,
-            socket_connect_timeout=5,
-            health_check_interval=30,
+            url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30
         )
-        backend = _backends[app] = Backend(get_config(app), client, Claims(client))
+        # Renewals get their own connections, with timeouts well inside a lease
+        # (a renewal that fails is retried until the lease would expire).
+        heartbeat = redis.Redis.from_url(
+            url, socket_timeout=1, socket_connect_timeout=1
+        )
+        backend = Backend(config, client, Claims(client), Leases(client, heartbeat))
+        _backends[app] = backend
         return backend
 
 
@@ -79,3 +86,4 @@ def reset(app: Celery) -> None:
     backend = _backends.pop(app, None)
     if backend is not None:
         backend.redis.close()
+        backend.leases.close()

@@ -47,3 +47,7 @@ class BackendUnavailableError(DedupError):
             f"Redis unavailable during {operation} ({cause!r}); set "
             "dedup_on_redis_error='proceed' to run without deduplication instead"
         )
+
+
+class OutboxError(DedupError):
+    """The outbox cannot do what was asked (no engine, no transaction, ...)."""

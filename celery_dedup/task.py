@@ -1,4 +1,4 @@
-"""``DedupTask``: a Celery task base class that publishes once per dedup key."""
+"""``DedupTask``: publish once per dedup key, run under a fenced lease."""
 
 from __future__ import annotations
 
@@ -6,19 +6,28 @@ import datetime
 import functools
 import inspect
 import logging
+import os
+import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import redis
 from celery import Task, current_task
-from celery.exceptions import Reject, Retry
+from celery.exceptions import Ignore, Reject, Retry
 from celery.result import AsyncResult
 from celery.utils import uuid
 
 from . import claim as claims
+from . import lease as leases
+from . import signals
 from .config import TASK_OPTIONS, TaskOptions, get_config, resolve, validate_task_option
 from .connection import Backend, get_backend
-from .exceptions import BackendUnavailableError, DuplicateTaskError
+from .exceptions import (
+    BackendUnavailableError,
+    ConfigurationError,
+    DuplicateTaskError,
+    LockLostError,
+)
 from .keys import make_key, task_signature
 
 if TYPE_CHECKING:
@@ -28,11 +37,14 @@ else:
 
 logger = logging.getLogger(__name__)
 
-#: The message header that carries a call's dedup decision to the worker.
+#: The message header that carries a call's dedup decision to the worker:
+#: ``{"key": str, "claim": bool, "lock": mode, "options": {call overrides}}``.
 HEADER: Final = "celery_dedup"
 
 _RELEASE_AT_START: Final = frozenset({"until_executing", "until_and_while_executing"})
 _RELEASE_AT_END: Final = frozenset({"until_executed"})
+#: Fencing counters outlive leases by far; their TTL only bounds idle keys.
+_FENCE_TTL: Final = 7 * 86400.0
 
 
 class DedupResult(AsyncResult):  # type: ignore[type-arg]
@@ -56,6 +68,9 @@ class DedupTask(_TaskBase):
     dedup_ttl: float | None = None
     dedup_lock_ttl: float | None = None
     dedup_max_running: int | None = None
+
+    #: The worker-side request class: frees a lease whose process died.
+    Request = "celery_dedup.request:DedupRequest"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -88,11 +103,7 @@ class DedupTask(_TaskBase):
         ``deduplicated`` set. Raises :class:`DuplicateTaskError` with
         ``dedup_on_conflict="raise"``.
         """
-        call = {
-            name: _check_call_option(name, options.pop(name))
-            for name in TASK_OPTIONS
-            if name in options
-        }
+        call = _call_options(options, "apply_async")
         app = self.app
         headers = dict(options.pop("headers", None) or {})
         stamp = headers.get(HEADER)
@@ -112,14 +123,22 @@ class DedupTask(_TaskBase):
         retrying = task_id == self.request.id
         if isinstance(stamp, Mapping) and retrying:
             stamp = dict(stamp)
+            opts = self._dedup_options(_overrides(stamp))
         else:
             opts = self._dedup_options(call)
-            stamp = _stamp(self._dedup_key(opts, args, kwargs), opts)
+            stamp = {
+                "key": self._dedup_key(opts, args, kwargs),
+                "lock": opts.lock,
+                "options": {n: v for n, v in call.items() if n != "dedup_key"},
+            }
 
-        if stamp["lock"] != "while_executing":
-            held = self._claim(backend, stamp, task_id, options)
-            if held is not None and not held.acquired and not retrying:
-                return self._deduplicated(stamp, held.holder)
+        stamp["claim"] = False
+        if opts.lock != "while_executing":
+            held = self._claim(backend, stamp["key"], opts, task_id, options, retrying)
+            if held is not None and not retrying and held.status != claims.NEW:
+                # Taken by another task, or this very task id is already pending
+                # (a caller that sends deterministic task ids twice).
+                return self._deduplicated(stamp["key"], opts, held.holder)
             stamp["claim"] = held is not None and held.acquired
         headers[HEADER] = stamp
         try:
@@ -128,7 +147,7 @@ class DedupTask(_TaskBase):
                 headers=headers, **options,
             )  # fmt: skip
         except BaseException:
-            if stamp.get("claim"):
+            if stamp["claim"]:
                 self._release_claim(backend, stamp["key"], task_id)
             raise
         return result
@@ -140,27 +159,35 @@ class DedupTask(_TaskBase):
         **options: Any,
     ) -> str:
         """The dedup key that ``apply_async(args, kwargs, **options)`` would use."""
-        call = {n: _check_call_option(n, options[n]) for n in options}
+        call = _call_options(dict(options), "dedup_key_for")
+        if options.keys() - call.keys():
+            unknown = sorted(options.keys() - call.keys())
+            raise ConfigurationError(
+                f"dedup_key_for: {unknown[0]}", "takes only dedup_* options"
+            )
         return self._dedup_key(self._dedup_options(call), args, kwargs)
+
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> DedupResult:
+        """Get the :class:`DedupResult` of ``task_id``."""
+        return DedupResult(
+            task_id, backend=self.backend, task_name=self.name, app=self.app, **kwargs
+        )
+
+    def _dedup_options(self, call: Mapping[str, Any]) -> TaskOptions:
+        config = get_config(self.app)
+        cached = self.__dict__.get("_dedup_defaults")
+        if not call and cached is not None and cached[0] is config:
+            return cached[1]  # type: ignore[no-any-return]
+        attributes = {name: getattr(type(self), name) for name in TASK_OPTIONS}
+        opts = resolve(config, self.name, attributes, call)
+        if not call:
+            self.__dict__["_dedup_defaults"] = (config, opts)
+        return opts
 
     def _dedup_key(
         self, opts: TaskOptions, args: Any, kwargs: Mapping[str, Any] | None
     ) -> str:
         return make_key(self.name, self._dedup_signature, opts.key, args, kwargs)
-
-    def AsyncResult(self, task_id: str, **kwargs: Any) -> DedupResult:
-        """Get the :class:`DedupResult` of ``task_id``."""
-        return DedupResult(
-            task_id,
-            backend=self.backend,
-            task_name=self.name,
-            app=self.app,
-            **kwargs,
-        )
-
-    def _dedup_options(self, call: Mapping[str, Any]) -> TaskOptions:
-        attributes = {name: getattr(type(self), name) for name in TASK_OPTIONS}
-        return resolve(get_backend(self.app).config, self.name, attributes, call)
 
     @functools.cached_property
     def _dedup_signature(self) -> inspect.Signature | None:
@@ -169,37 +196,50 @@ class DedupTask(_TaskBase):
     def _claim(
         self,
         backend: Backend,
-        stamp: dict[str, Any],
+        key: str,
+        opts: TaskOptions,
         task_id: str,
         options: Mapping[str, Any],
+        retrying: bool,
     ) -> claims.ClaimResult | None:
-        """Take the enqueue claim; None when Redis is down and we may proceed."""
-        ttl = _claim_ttl(stamp["ttl"], options)
+        """Take the enqueue claim; None when Redis is down and we may proceed.
+
+        A retry always proceeds: failing it would lose the task.
+        """
         try:
             return backend.claims.claim(
-                backend.key(stamp["key"], "claim"), task_id, ttl
+                backend.key(key, "claim"), task_id, _claim_ttl(opts.ttl, options)
             )
         except redis.RedisError as exc:
-            if backend.config.on_redis_error == "raise":
-                raise BackendUnavailableError("the enqueue claim", exc) from exc
-            logger.warning(
-                "Redis unavailable: %s[%s] published without an enqueue claim",
-                self.name,
-                task_id,
-                extra={"dedup_key": stamp["key"], "task_id": task_id},
-            )
+            if retrying:
+                logger.warning(
+                    "Redis unavailable: retry of %s[%s] published without a claim",
+                    self.name,
+                    task_id,
+                    extra={"dedup_key": key, "task_id": task_id},
+                )
+            else:
+                self._redis_down(backend, "the enqueue claim", exc, key, task_id)
             return None
 
-    def _deduplicated(self, stamp: Mapping[str, Any], holder: str) -> DedupResult:
-        logger.info(
-            "Deduplicated %s: key %s is held by task %s",
+    def _redis_down(
+        self, backend: Backend, operation: str, exc: Exception, key: str, task_id: str
+    ) -> None:
+        """Raise, or log and carry on, as ``dedup_on_redis_error`` says."""
+        if backend.config.on_redis_error == "raise":
+            raise BackendUnavailableError(operation, exc) from exc
+        logger.warning(
+            "Redis unavailable: %s[%s] goes on without %s",
             self.name,
-            stamp["key"],
-            holder,
-            extra={"dedup_key": stamp["key"], "task_id": holder, "stage": "enqueue"},
+            task_id,
+            operation,
+            extra={"dedup_key": key, "task_id": task_id},
         )
-        if stamp["on_conflict"] == "raise":
-            raise DuplicateTaskError(stamp["key"], holder, self.name)
+
+    def _deduplicated(self, key: str, opts: TaskOptions, holder: str) -> DedupResult:
+        _log_duplicate(self.name, key, None, holder, "enqueue")
+        if opts.on_conflict == "raise":
+            raise DuplicateTaskError(key, holder, self.name)
         result = self.AsyncResult(holder)
         result.deduplicated = True
         return result
@@ -218,37 +258,193 @@ class DedupTask(_TaskBase):
 
     # -- execution ---------------------------------------------------------
 
+    def dedup_lease_valid(self) -> bool:
+        """True while this body still holds its lease (False once it is lost).
+
+        Outside a leased body (eager, dedup disabled, Redis down with
+        ``dedup_on_redis_error="proceed"``) there is no lease and this is True.
+        """
+        lease = getattr(self.request, "dedup_lease", None)
+        return lease is None or bool(lease.valid)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
         task_id = request.id
-        stamp = (request.headers or {}).get(HEADER)
-        if (
-            task_id is None
-            or request.is_eager
-            or not isinstance(stamp, Mapping)
-            or not stamp.get("claim")
-        ):
+        if task_id is None or request.is_eager or not get_config(self.app).enabled:
             return super().__call__(*args, **kwargs)
+        plan = self._execution_plan(request, args, kwargs)
         backend = get_backend(self.app)
-        mode, key = stamp["lock"], stamp["key"]
-        if mode in _RELEASE_AT_START:
-            self._release_claim(backend, key, task_id)
+        lease = self._acquire(backend, plan, task_id)
+        if lease is None:  # Redis down and dedup_on_redis_error="proceed"
+            return super().__call__(*args, **kwargs)
+        vars(request).update(
+            dedup_lease=lease, dedup_fence=lease.token, dedup_key=plan.key
+        )
+        backend.leases.watch(lease)
+        ended = "failure"
         try:
             result = super().__call__(*args, **kwargs)
+            if not lease.valid:
+                raise LockLostError(plan.key, task_id, lease.lost_reason or "")
+            ended = "success"
+            return result
         except Retry:
-            raise  # the retry message owns the claim now
+            ended = "retry"  # the retry's message keeps the claim
+            raise
         except Reject as exc:
-            if not getattr(exc, "requeue", False) and mode not in _RELEASE_AT_START:
-                self._release_claim(backend, key, task_id)
+            ended = "retry" if getattr(exc, "requeue", False) else "failure"
             raise
-        except BaseException:
-            # A final failure frees the key, so the work can be submitted again.
-            if mode not in _RELEASE_AT_START:
-                self._release_claim(backend, key, task_id)
+        finally:
+            backend.leases.unwatch(lease)
+            self._release(backend, plan, lease, task_id, ended)
+
+    def _execution_plan(
+        self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> _Plan:
+        stamp = (request.headers or {}).get(HEADER)
+        if isinstance(stamp, Mapping):
+            opts = self._dedup_options(_overrides(stamp))
+            return _Plan(stamp["key"], bool(stamp.get("claim")), opts)
+        # Published without DedupTask.apply_async (send_task by name, say).
+        opts = self._dedup_options({})
+        return _Plan(self._dedup_key(opts, args, kwargs), False, opts)
+
+    def _acquire(
+        self, backend: Backend, plan: _Plan, task_id: str
+    ) -> leases.Lease | None:
+        """Take the lease, or end this delivery as the conflict rule says."""
+        names = (
+            backend.key(plan.key, "lease"),
+            backend.key(plan.key, "fence"),
+            backend.key(plan.key, f"done:{task_id}"),
+            backend.key(plan.key, "claim"),
+        )
+        member = _member(task_id, self.request.hostname)
+        try:
+            outcome = backend.leases.acquire(
+                names,
+                member,
+                plan.lock_ttl,
+                plan.max_running,
+                _FENCE_TTL,
+                release_claim=plan.lock in _RELEASE_AT_START,
+            )
+        except redis.RedisError as exc:
+            if backend.config.on_redis_error == "raise":
+                # Not lost: run it again later, when Redis may be back.
+                self._reschedule(min(plan.lock_ttl, 5.0), "Redis is unavailable")
+            self._redis_down(backend, "the execution lease", exc, plan.key, task_id)
+            return None
+        if outcome.status == leases.ACQUIRED:
+            return leases.Lease(
+                plan.key, names[0], member, outcome.token, plan.lock_ttl
+            )
+        if outcome.status == leases.DONE:
+            _log_duplicate(self.name, plan.key, task_id, task_id, "execution")
+            raise Ignore()  # a redelivered copy of a task that already succeeded
+        if outcome.status == leases.SAME_TASK:
+            # Another delivery of this very task runs: it may die, and then this
+            # copy is the only one left. Never drop it.
+            self._reschedule(_poll(plan, outcome), "another delivery of it runs")
+        return self._conflict(backend, plan, task_id, outcome)
+
+    def _conflict(
+        self, backend: Backend, plan: _Plan, task_id: str, outcome: leases.Outcome
+    ) -> leases.Lease:
+        """Another task id holds the key at execution: drop, raise or reschedule."""
+        rule = plan.on_conflict
+        if plan.lock == "until_and_while_executing" and rule == "skip":
+            rule = "reschedule"  # the one queued behind the running one must run
+        if rule == "reschedule":
+            self._reschedule(
+                _poll(plan, outcome), f"task {outcome.holder} holds the key"
+            )
+        _log_duplicate(self.name, plan.key, task_id, outcome.holder, "execution")
+        if plan.has_claim:
+            self._release_claim(backend, plan.key, task_id)
+        if rule == "raise":
+            raise DuplicateTaskError(plan.key, outcome.holder, self.name)
+        raise Ignore()
+
+    def _reschedule(self, countdown: float, why: str) -> None:
+        """Publish this message again after ``countdown`` s; end this delivery.
+
+        Not a retry: it does not count against ``max_retries``. The countdown
+        stays under the broker's visibility timeout, so that the waiting copy
+        is not itself redelivered.
+        """
+        request = self.request
+        countdown = min(max(countdown, 0.1), _visibility_timeout(self.app) / 2)
+        logger.info(
+            "Rescheduled %s[%s] in %.1fs: %s",
+            self.name,
+            request.id,
+            countdown,
+            why,
+            extra={
+                "task_id": request.id,
+                "dedup_key": getattr(request, "dedup_key", None),
+            },
+        )
+        try:
+            self.signature_from_request(
+                request, countdown=countdown, retries=request.retries
+            ).apply_async()
+        except Exception as exc:
+            # The broker is unreachable too: hand the message back unacked if
+            # it still can be (acks_late), else fail loudly. Never drop it.
+            if self.acks_late:
+                raise Reject(exc, requeue=True) from exc
             raise
-        if mode in _RELEASE_AT_END:
-            self._release_claim(backend, key, task_id)
-        return result
+        raise Ignore()
+
+    def _release(
+        self,
+        backend: Backend,
+        plan: _Plan,
+        lease: leases.Lease,
+        task_id: str,
+        ended: str,
+    ) -> None:
+        """Give the lease back; free the claim and remember success as ``ended``
+        ("success", "retry" or "failure") and the lock mode say."""
+        free_claim = plan.has_claim and (
+            plan.lock in _RELEASE_AT_END
+            or (plan.lock == "until_expired" and ended == "failure")
+        )
+        if ended == "retry":
+            free_claim = False
+        names = (
+            lease.redis_key,
+            backend.key(plan.key, "claim"),
+            backend.key(plan.key, f"done:{task_id}"),
+        )
+        done_ttl = backend.config.done_ttl if ended == "success" else 0
+        try:
+            backend.leases.release(names, lease.member, task_id, free_claim, done_ttl)
+        except redis.RedisError:
+            logger.warning(
+                "Could not release the lease of %s[%s]; it expires in %ss",
+                self.name,
+                task_id,
+                plan.lock_ttl,
+                exc_info=True,
+                extra={"dedup_key": plan.key, "task_id": task_id},
+            )
+
+
+class _Plan:
+    """How one delivery runs: its key, whether it holds a claim, its options."""
+
+    __slots__ = ("has_claim", "key", "lock", "lock_ttl", "max_running", "on_conflict")
+
+    def __init__(self, key: str, has_claim: bool, opts: TaskOptions) -> None:
+        self.key = key
+        self.has_claim = has_claim
+        self.lock = opts.lock
+        self.on_conflict = opts.on_conflict
+        self.lock_ttl = opts.lock_ttl
+        self.max_running = opts.max_running
 
 
 _METHODS: Final = frozenset(
@@ -256,44 +452,84 @@ _METHODS: Final = frozenset(
 ) - set(TASK_OPTIONS)
 
 
-def _check_call_option(name: str, value: Any) -> Any:
-    if name == "dedup_key" and isinstance(value, str):
-        return value  # per call, a string is the key itself
-    if value is None:
-        return None
-    return validate_task_option(name, value, "apply_async: ")
+def _member(task_id: str, hostname: str | None) -> str:
+    """Who holds a lease. A prefork parent can rebuild it for a dead child."""
+    member = f"{task_id}|{hostname}|{os.getpid()}"
+    if threading.current_thread() is not threading.main_thread():
+        member += f"|{threading.get_ident()}"
+    return member
 
 
-def _stamp(key: str, opts: TaskOptions) -> dict[str, Any]:
-    return {
-        "key": key,
-        "lock": opts.lock,
-        "on_conflict": opts.on_conflict,
-        "ttl": opts.ttl,
-        "lock_ttl": opts.lock_ttl,
-        "max_running": opts.max_running,
-    }
+def _overrides(stamp: Mapping[str, Any]) -> dict[str, Any]:
+    call = dict(stamp.get("options") or {})
+    call["dedup_lock"] = stamp.get("lock")
+    return call
+
+
+def _log_duplicate(
+    name: str, key: str, task_id: str | None, holder: str | None, stage: str
+) -> None:
+    logger.info(
+        "Deduplicated %s at %s: key %s is held by task %s",
+        name,
+        stage,
+        key,
+        holder,
+        extra={"dedup_key": key, "task_id": task_id, "stage": stage},
+    )
+    signals.task_deduplicated.send(
+        sender=name, key=key, task_id=task_id, existing_task_id=holder, stage=stage
+    )
+
+
+def _poll(plan: _Plan, outcome: leases.Outcome) -> float:
+    """When to look again: when the holder's lease ends (it may have crashed),
+    or sooner, every tenth of the lease TTL, as a live holder may end early."""
+    return min(outcome.wait, max(0.5, plan.lock_ttl / 10))
+
+
+def _call_options(options: dict[str, Any], where: str) -> dict[str, Any]:
+    """Pop and check the ``dedup_*`` keywords of a call (a typo is an error)."""
+    call = {}
+    for name in [n for n in options if n.startswith("dedup_")]:
+        value = options.pop(name)
+        if name == "dedup_key" and isinstance(value, str):
+            call[name] = value  # per call, a string is the key itself
+        elif value is not None:
+            call[name] = validate_task_option(name, value, f"{where}: ")
+    return call
+
+
+def _visibility_timeout(app: Any) -> float:
+    options = app.conf.broker_transport_options or {}
+    return float(options.get("visibility_timeout", 3600))
 
 
 def _claim_ttl(ttl: float, options: Mapping[str, Any]) -> float:
     """The claim outlives the wait for an ``eta``/``countdown``, not ``expires``."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    delay = _seconds_until(options.get("eta"), now) or float(
-        options.get("countdown") or 0
+    eta, countdown, expires = (
+        options.get("eta"),
+        options.get("countdown"),
+        options.get("expires"),
     )
+    if eta is None and countdown is None and expires is None:
+        return ttl
+    now = datetime.datetime.now(datetime.timezone.utc)
+    delay = _seconds_until(eta, now) if eta is not None else float(countdown or 0)
     total = ttl + max(0.0, delay)
-    expires = options.get("expires")
     if expires is not None:
         left = (
-            _seconds_until(expires, now)
-            if isinstance(expires, datetime.datetime)
-            else float(expires)
+            float(expires)
+            if isinstance(expires, int | float)
+            else _seconds_until(expires, now)
         )
         total = min(total, max(left, 0.001))
     return float(total)
 
 
 def _seconds_until(moment: object, now: datetime.datetime) -> float:
+    if isinstance(moment, str):  # a retry carries eta and expires as ISO 8601
+        moment = datetime.datetime.fromisoformat(moment)
     if not isinstance(moment, datetime.datetime):
         return 0.0
     if moment.tzinfo is None:

@@ -12,7 +12,7 @@ from kombu.exceptions import OperationalError
 
 from celery_dedup import BackendUnavailableError, DedupTask, DuplicateTaskError
 from celery_dedup.connection import get_backend, reset
-from tests.rig import Recorder, Worker, free_port, queue_length, wait_for
+from tests.rig import Recorder, Worker, free_port, max_overlap, queue_length, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -147,6 +147,43 @@ def test_redis_down_at_enqueue_follows_the_setting(redis_client: redis.Redis) ->
     assert result.deduplicated is False
 
 
+def test_a_retry_is_published_even_when_redis_is_down(
+    redis_client: redis.Redis,
+) -> None:
+    app = Celery("retrydown", broker="memory://", set_as_current=False)
+    app.conf.update(dedup_redis_url=f"redis://127.0.0.1:{free_port()}/0")
+
+    @app.task(base=DedupTask, name="retrydown.job", shared=False, bind=True)
+    def job(self: DedupTask, n: int) -> int:
+        return n
+
+    # Given the task is running (as a worker would run it) and Redis is gone,
+    job.push_request(id="running-id", retries=0)
+    try:
+        # a retry republishes the message under its own id, with no claim
+        result = job.apply_async(
+            (1,), task_id="running-id", expires="2099-01-01T00:00:00+00:00"
+        )
+    finally:
+        job.pop_request()
+    assert result.id == "running-id"
+    # while a fresh call still refuses to go on without Redis
+    with pytest.raises(BackendUnavailableError):
+        job.apply_async((1,))
+
+
+def test_the_same_explicit_task_id_twice_publishes_once(
+    scenario_app: Any, redis_client: redis.Redis, queue: str
+) -> None:
+    task = scenario_app.close_campaign
+    first = task.apply_async((12,), queue=queue, task_id="order-12")
+    again = task.apply_async((12,), queue=queue, task_id="order-12")
+    assert not first.deduplicated
+    assert again.deduplicated
+    assert again.id == "order-12"
+    assert queue_length(redis_client, queue) == 1
+
+
 def test_eager_mode_runs_at_once_without_redis() -> None:
     app = Celery("eager", broker="memory://", set_as_current=False)
     app.conf.update(task_always_eager=True, dedup_redis_url="redis://127.0.0.1:1/0")
@@ -209,11 +246,41 @@ def test_until_executing_frees_the_key_when_the_body_starts(
     workers(concurrency=2)
     first = task.apply_async((9, 2), queue=queue, dedup_lock="until_executing")
     wait_for(lambda: recorder.started("close_campaign"), 20, "the body to start")
+    # the claim is gone once the body started: the next call is published
     second = task.apply_async((9, 2), queue=queue, dedup_lock="until_executing")
     assert not second.deduplicated
     third = task.apply_async((9, 2), queue=queue, dedup_lock="until_executing")
-    assert third.deduplicated and third.id == second.id
-    assert first.get(timeout=20) == second.get(timeout=20) == 9
+    assert third.deduplicated
+    assert third.id == second.id
+    assert first.get(timeout=20) == 9
+    # but the lease keeps it from running beside the first: it was dropped
+    wait_for(
+        lambda: (
+            len(recorder.started("close_campaign")) == 1 and second.state == "PENDING"
+        ),
+        5,
+        "the second to be dropped",
+    )
+    assert [r["task_id"] for r in recorder.runs("close_campaign")] == [first.id]
+
+
+def test_until_and_while_executing_runs_one_more_after_the_running_one(
+    scenario_app: Any, workers: Callable[..., Worker], recorder: Recorder, queue: str
+) -> None:
+    task = scenario_app.close_campaign
+    mode = {"dedup_lock": "until_and_while_executing"}
+    workers(concurrency=2)
+    first = task.apply_async((11, 1.5), queue=queue, **mode)
+    wait_for(lambda: recorder.started("close_campaign"), 20, "the body to start")
+    # one queued behind the running one; more calls fold into it
+    second = task.apply_async((11, 1.5), queue=queue, **mode)
+    third = task.apply_async((11, 1.5), queue=queue, **mode)
+    assert not second.deduplicated
+    assert third.id == second.id
+    assert first.get(timeout=20) == second.get(timeout=30) == 11
+    runs = recorder.runs("close_campaign")
+    assert [r["task_id"] for r in runs] == [first.id, second.id]
+    assert max_overlap(runs) == 1
 
 
 def test_until_expired_holds_after_success_and_frees_on_final_failure(

@@ -153,3 +153,34 @@ def test_a_bare_string_key_attribute_is_refused() -> None:
 
     with pytest.raises(ConfigurationError, match=r"\('x',\)"):
         app.finalize()
+
+
+def test_namespaced_and_uppercase_settings_are_read() -> None:
+    import types
+
+    settings = types.ModuleType("djangoish")
+    settings.CELERY_BROKER_URL = "memory://"  # type: ignore[attr-defined]
+    settings.CELERY_DEDUP_TTL = 5  # type: ignore[attr-defined]
+    app = Celery("ns", set_as_current=False)
+    app.config_from_object(settings, namespace="CELERY")
+    assert get_config(app).ttl == 5.0
+
+    settings.CELERY_DEDUP_TLL = 5  # type: ignore[attr-defined]
+    app = Celery("ns", set_as_current=False)
+    app.config_from_object(settings, namespace="CELERY")
+    with pytest.raises(ConfigurationError, match="CELERY_DEDUP_TLL"):
+        get_config(app)
+
+
+def test_a_misspelt_call_option_is_an_error() -> None:
+    app = Celery("typo", broker="memory://", set_as_current=False)
+
+    @app.task(base=DedupTask, name="typo.job", shared=False)
+    def job(n: int) -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"apply_async: dedup_tll"):
+        job.apply_async((1,), dedup_tll=5)
+    with pytest.raises(ConfigurationError, match=r"apply_async: dedup_ttl"):
+        job.apply_async((1,), dedup_ttl="soon")
+    with pytest.raises(ConfigurationError, match=r"dedup_key_for: queue"):
+        job.dedup_key_for((1,), queue="q")

@@ -1,0 +1,132 @@
+"""What DedupTask adds to apply_async, against plain Celery on the same broker.
+
+    python3 benchmarks/enqueue.py [--calls 3000] [--rounds 5] [--redis-url URL]
+
+Starts a private redis-server on a free port unless --redis-url is given. Each
+round times N distinct calls of a plain task and of a DedupTask (alternating,
+so both see the same machine), then N identical calls of the DedupTask (all
+but the first deduplicated). Prints the median microseconds per call and the
+ratio, and a redis-py round trip (PING) for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+
+import redis
+from celery import Celery
+
+from celery_dedup import DedupTask
+
+
+def _private_redis() -> tuple[str, Callable[[], None]]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server not found: run scripts/bootstrap")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    workdir = tempfile.mkdtemp()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    client.close()
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    return url, stop
+
+
+def per_call_us(call: Callable[[int], object], n: int) -> float:
+    start = time.perf_counter()
+    for i in range(n):
+        call(i)
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--redis-url")
+    options = parser.parse_args()
+    stop = None
+    url = options.redis_url
+    if url is None:
+        url, stop = _private_redis()
+    try:
+        app = Celery("bench", broker=url, set_as_current=False)
+        app.conf.update(task_default_queue="bench-enqueue", dedup_ttl=600)
+
+        @app.task(name="bench.plain", shared=False)
+        def plain(n: int) -> None: ...
+
+        @app.task(base=DedupTask, name="bench.dedup", shared=False)
+        def dedup(n: int) -> None: ...
+
+        client = redis.Redis.from_url(url)
+
+        def plain_and_ping(i: int) -> None:
+            """Plain apply_async plus one Redis round trip: what 1 RTT costs here."""
+            client.ping()
+            plain.apply_async((i,))
+
+        # warm up: connections, script cache, task classes
+        for i in range(200):
+            plain.apply_async((i,))
+            dedup.apply_async((-1 - i,))
+        plain_us, dedup_us, same_us, ping_us, one_rtt_us = [], [], [], [], []
+        n = options.calls
+        for r in range(options.rounds):
+            client.flushdb()
+            base = (r + 1) * 10 * n
+            plain_us.append(per_call_us(lambda i: plain.apply_async((i,)), n))
+            one_rtt_us.append(per_call_us(plain_and_ping, n))
+            dedup_us.append(per_call_us(lambda i: dedup.apply_async((base + i,)), n))
+            same_us.append(per_call_us(lambda i: dedup.apply_async((0,)), n))
+            ping_us.append(per_call_us(lambda i: client.ping(), n))
+        client.flushdb()
+        client.close()
+    finally:
+        if stop is not None:
+            stop()
+
+    p, d, s, rt, p1 = (
+        statistics.median(x) for x in (plain_us, dedup_us, same_us, ping_us, one_rtt_us)
+    )
+    print(f"apply_async, {n} distinct calls, median of {options.rounds} rounds")
+    print(f"  plain Task               {p:8.1f} us/call")
+    print(f"  plain Task + 1 PING      {p1:8.1f} us/call   ratio {p1 / p:.3f}")
+    print(f"  DedupTask                {d:8.1f} us/call   ratio {d / p:.3f}")
+    print(f"  DedupTask - plain        {d - p:8.1f} us/call")
+    print(f"  one round trip in place  {p1 - p:8.1f} us (a PING alone: {rt:.1f} us)")
+    print(
+        f"  overhead / one round trip {(d - p) / (p1 - p):6.2f}  (target <= 1, "
+        "plus the key's hashing)"
+    )
+    print(f"identical calls (all but the first deduplicated): {s:.1f} us/call"
+          " (target < 150)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""The execution lease: at most N bodies of a dedup key at once, fenced.
+
+A lease is a member of a sorted set per key, scored by its expiry in Redis
+time (so clocks of workers never matter). Each acquisition gets a fencing token
+that is strictly greater than every token handed out for the key before: the
+larger of "last token + 1" and the Redis clock in microseconds, so not even a
+Redis restart that lost the counter makes a token go back.
+
+One round trip acquires (and checks completion memory and the claim), one
+renews, one releases (and records completion and frees the claim). A
+heartbeat thread per process renews every live lease each third of its TTL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Final
+
+import redis
+
+from . import signals
+
+logger = logging.getLogger(__name__)
+
+# KEYS[1] - the lease set (member -> expiry, ms of Redis time)
+# KEYS[2] - the fencing counter
+# KEYS[3] - this task id's completion marker
+# KEYS[4] - the enqueue claim
+# ARGV[1] - member: "<task id>|<host>|<pid>[|<thread>]"
+# ARGV[2] - task id
+# ARGV[3] - lease TTL (ms)
+# ARGV[4] - how many members may hold the key at once
+# ARGV[5] - fencing counter TTL (ms)
+# ARGV[6] - "1": delete the claim if this task id holds it, once acquired
+# Returns {1, token} acquired; {2} the task id already completed; {3, ms, id}
+# another execution of this task id holds the key; {4, ms, id} other task ids
+# fill the key (ms: until the earliest holder's lease ends).
+ACQUIRE: Final = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return {2}
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local holders = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local prefix = ARGV[2] .. '|'
+local first, first_id = nil, nil
+for i = 1, #holders, 2 do
+  local id = string.match(holders[i], '^(.-)|')
+  if holders[i]:sub(1, #prefix) == prefix then
+    return {3, tonumber(holders[i + 1]) - now, id}
+  end
+  if not first or tonumber(holders[i + 1]) < first then
+    first, first_id = tonumber(holders[i + 1]), id
+  end
+end
+if #holders / 2 >= tonumber(ARGV[4]) then
+  return {4, first - now, first_id}
+end
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+local token = t[1] * 1000000 + t[2]
+if token <= last then token = last + 1 end
+redis.call('SET', KEYS[2], string.format('%d', token), 'PX', ARGV[5])
+local ttl = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+if ARGV[6] == '1' and redis.call('GET', KEYS[4]) == ARGV[2] then
+  redis.call('DEL', KEYS[4])
+end
+return {1, token}
+"""
+
+# KEYS[1] - the lease set
+# ARGV[1] - member
+# ARGV[2] - lease TTL (ms), replacing what was left
+# Returns 1 if the member still held the key (now renewed), else 0.
+RENEW: Final = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not expiry or tonumber(expiry) <= now then
+  return 0
+end
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
+"""
+
+# KEYS[1] - the lease set
+# KEYS[2] - the enqueue claim
+# KEYS[3] - this task id's completion marker
+# ARGV[1] - member ("" when there is no lease to give back)
+# ARGV[2] - task id
+# ARGV[3] - "1": delete the claim if this task id holds it
+# ARGV[4] - completion memory (ms); 0: the task did not succeed
+# Returns 1 if the member held the key until now, else 0. Completion is only
+# recorded for a member that still held its lease.
+RELEASE: Final = """
+local held = 0
+if ARGV[1] ~= '' then
+  local t = redis.call('TIME')
+  local now = t[1] * 1000 + math.floor(t[2] / 1000)
+  local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
+  if expiry and tonumber(expiry) > now then held = 1 end
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+if ARGV[3] == '1' and redis.call('GET', KEYS[2]) == ARGV[2] then
+  redis.call('DEL', KEYS[2])
+end
+if held == 1 and tonumber(ARGV[4]) > 0 then
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
+end
+return held
+"""
+
+ACQUIRED: Final = 1
+DONE: Final = 2
+SAME_TASK: Final = 3
+BUSY: Final = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What ACQUIRE answered: a status, and the token or the holder and wait."""
+
+    status: int
+    token: int = 0
+    wait: float = 0.0  # seconds until the earliest holder's lease ends
+    holder: str | None = None
+
+
+class Lease:
+    """One held lease. Its token and validity live here, not in thread state."""
+
+    def __init__(
+        self, key: str, redis_key: str, member: str, token: int, ttl: float
+    ) -> None:
+        self.key = key
+        self.redis_key = redis_key
+        self.member = member
+        self.token = token
+        self.ttl = ttl
+        self.task_id = member.split("|", 1)[0]
+        self._expires = time.monotonic() + ttl  # by our clock, conservatively
+        self._lost: str | None = None
+
+    @property
+    def valid(self) -> bool:
+        """False once the lease is lost, or could have expired unrenewed."""
+        return self._lost is None and time.monotonic() < self._expires
+
+    @property
+    def lost_reason(self) -> str | None:
+        if self._lost is None and time.monotonic() >= self._expires:
+            return "not renewed before it expired"
+        return self._lost
+
+    def _renewed(self, at: float) -> None:
+        self._expires = at + self.ttl
+
+    def _lose(self, reason: str) -> None:
+        if self._lost is None:
+            self._lost = reason
+            logger.info(
+                "Lease lost on %s by task %s: %s",
+                self.key,
+                self.task_id,
+                reason,
+                extra={"dedup_key": self.key, "task_id": self.task_id},
+            )
+            signals.lease_lost.send(
+                sender=None, key=self.key, task_id=self.task_id, reason=reason
+            )
+
+
+class Leases:
+    """The lease scripts on one Redis client, and the process's heartbeat."""
+
+    def __init__(self, client: redis.Redis, heartbeat_client: redis.Redis) -> None:
+        self._acquire = client.register_script(ACQUIRE)
+        self._release = client.register_script(RELEASE)
+        self._renew = heartbeat_client.register_script(RENEW)
+        self._heartbeat_client = heartbeat_client
+        self._heartbeat: Heartbeat | None = None
+        self._lock = threading.Lock()
+
+    def acquire(
+        self,
+        keys: tuple[str, str, str, str],
+        member: str,
+        ttl: float,
+        max_running: int,
+        fence_ttl: float,
+        release_claim: bool,
+    ) -> Outcome:
+        """Try to take the lease; keys: lease set, fence, done marker, claim."""
+        reply = self._acquire(
+            keys=list(keys),
+            args=[
+                member,
+                member.split("|", 1)[0],
+                _ms(ttl),
+                max_running,
+                _ms(fence_ttl),
+                "1" if release_claim else "0",
+            ],
+        )
+        status = int(reply[0])
+        if status == ACQUIRED:
+            return Outcome(status, token=int(reply[1]))
+        if status == DONE:
+            return Outcome(status)
+        return Outcome(
+            status, wait=max(0, int(reply[1])) / 1000, holder=_text(reply[2])
+        )
+
+    def release(
+        self,
+        keys: tuple[str, str, str],
+        member: str,
+        task_id: str,
+        release_claim: bool,
+        done_ttl: float,
+    ) -> bool:
+        """Give back a lease (keys: lease set, claim, done marker)."""
+        reply = self._release(
+            keys=list(keys),
+            args=[member, task_id, "1" if release_claim else "0", _ms(done_ttl, 0)],
+        )
+        return bool(reply)
+
+    def renew(self, lease: Lease) -> bool:
+        return bool(
+            self._renew(keys=[lease.redis_key], args=[lease.member, _ms(lease.ttl)])
+        )
+
+    def watch(self, lease: Lease) -> None:
+        """Renew ``lease`` every third of its TTL until :meth:`unwatch`."""
+        with self._lock:
+            if self._heartbeat is None or not self._heartbeat.is_alive():
+                self._heartbeat = Heartbeat(self)
+                self._heartbeat.start()
+            heartbeat = self._heartbeat
+        heartbeat.add(lease)
+
+    def unwatch(self, lease: Lease) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.remove(lease)
+
+    def close(self) -> None:
+        """Close the heartbeat's connections (its thread idles, as a daemon)."""
+        self._heartbeat_client.close()
+
+
+class Heartbeat(threading.Thread):
+    """Renews the leases held in this process; one thread for all of them.
+
+    A failed renewal is retried until the lease would have expired; then the
+    lease counts as lost. A renewal that finds another owner loses it at once.
+    """
+
+    def __init__(self, leases: Leases) -> None:
+        super().__init__(name="celery-dedup-heartbeat", daemon=True)
+        self._leases = leases
+        self._due: dict[Lease, float] = {}
+        self._wake = threading.Condition()
+
+    def add(self, lease: Lease) -> None:
+        with self._wake:
+            self._due[lease] = time.monotonic() + lease.ttl / 3
+            self._wake.notify()
+
+    def remove(self, lease: Lease) -> None:
+        with self._wake:
+            self._due.pop(lease, None)
+
+    def run(self) -> None:
+        while True:
+            with self._wake:
+                now = time.monotonic()
+                due = [lease for lease, at in self._due.items() if at <= now]
+                if not due:
+                    wait = min(self._due.values(), default=now + 60) - now
+                    self._wake.wait(timeout=wait)
+                    continue
+            for lease in due:
+                self._beat(lease)
+
+    def _beat(self, lease: Lease) -> None:
+        started = time.monotonic()
+        try:
+            renewed = self._leases.renew(lease)
+        except redis.RedisError as exc:
+            if not lease.valid:
+                lease._lose(f"Redis unreachable until the lease expired ({exc!r})")
+                self.remove(lease)
+            else:
+                self._reschedule(lease, started + min(1.0, lease.ttl / 10))
+            return
+        if renewed:
+            lease._renewed(started)
+            self._reschedule(lease, started + lease.ttl / 3)
+        else:
+            lease._lose("another execution holds the key, or the lease expired")
+            self.remove(lease)
+
+    def _reschedule(self, lease: Lease, at: float) -> None:
+        with self._wake:
+            if lease in self._due:
+                self._due[lease] = at
+
+
+def _ms(seconds: float, floor: int = 1) -> int:
+    return max(floor, int(seconds * 1000))
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
