@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Final
 
 import redis
@@ -240,12 +241,20 @@ class Leases:
 
     def watch(self, lease: Lease) -> None:
         """Renew ``lease`` every third of its TTL until :meth:`unwatch`."""
+        self._thread().add(lease)
+
+    def later(self, action: Callable[[], object], until: float) -> None:
+        """Retry ``action`` (a release that failed) every second until it
+        succeeds or ``until`` (monotonic) passes, when its key expires anyway.
+        """
+        self._thread().retry(action, until)
+
+    def _thread(self) -> Heartbeat:
         with self._lock:
             if self._heartbeat is None or not self._heartbeat.is_alive():
                 self._heartbeat = Heartbeat(self)
                 self._heartbeat.start()
-            heartbeat = self._heartbeat
-        heartbeat.add(lease)
+            return self._heartbeat
 
     def unwatch(self, lease: Lease) -> None:
         if self._heartbeat is not None:
@@ -267,7 +276,13 @@ class Heartbeat(threading.Thread):
         super().__init__(name="celery-dedup-heartbeat", daemon=True)
         self._leases = leases
         self._due: dict[Lease, float] = {}
+        self._retries: list[tuple[Callable[[], object], float]] = []
         self._wake = threading.Condition()
+
+    def retry(self, action: Callable[[], object], until: float) -> None:
+        with self._wake:
+            self._retries.append((action, until))
+            self._wake.notify()
 
     def add(self, lease: Lease) -> None:
         with self._wake:
@@ -279,16 +294,33 @@ class Heartbeat(threading.Thread):
             self._due.pop(lease, None)
 
     def run(self) -> None:
+        next_retry = 0.0
         while True:
             with self._wake:
                 now = time.monotonic()
                 due = [lease for lease, at in self._due.items() if at <= now]
-                if not due:
-                    wait = min(self._due.values(), default=now + 60) - now
-                    self._wake.wait(timeout=wait)
+                retries = self._retries if now >= next_retry else []
+                if not due and not retries:
+                    wake_at = min(self._due.values(), default=now + 60)
+                    if self._retries:
+                        wake_at = min(wake_at, next_retry)
+                    self._wake.wait(timeout=max(0.0, wake_at - now))
                     continue
+                if retries:
+                    self._retries = []
+                    next_retry = now + 1.0
             for lease in due:
                 self._beat(lease)
+            for action, until in retries:
+                self._try(action, until)
+
+    def _try(self, action: Callable[[], object], until: float) -> None:
+        try:
+            action()
+        except redis.RedisError:
+            if time.monotonic() < until:
+                with self._wake:
+                    self._retries.append((action, until))
 
     def _beat(self, lease: Lease) -> None:
         started = time.monotonic()

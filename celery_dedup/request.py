@@ -57,33 +57,25 @@ class DedupRequest(Request):
         return result
 
 
-def _plan_of(request: Any) -> _Plan | None:
-    task = request.task
+def _plan_of(task: Any, context: Any) -> _Plan | None:
+    """The plan a delivery ran (or would have run) under, from its context."""
     if not isinstance(task, DedupTask) or not get_config(task.app).enabled:
         return None
-    context = Context(request)
     try:
-        return task._execution_plan(context, tuple(request.args), dict(request.kwargs))
-    except Exception:  # an undecodable or unbindable message: nothing was held
-        logger.debug(
-            "No dedup plan for %s[%s]", request.name, request.id, exc_info=True
+        return task._execution_plan(
+            context, tuple(context.args or ()), dict(context.kwargs or {})
         )
+    except Exception:  # an undecodable or unbindable message: nothing was held
+        logger.debug("No dedup plan for %s[%s]", task.name, context.id, exc_info=True)
         return None
-
-
-class Context:
-    """The parts of a worker ``Request`` that ``_execution_plan`` reads."""
-
-    def __init__(self, request: Any) -> None:
-        self.headers = request.request_dict
 
 
 def _free_dead_child(request: Any, *, final: bool) -> None:
     """Give back the lease the dead child held; the claim too if ``final``."""
-    plan = _plan_of(request)
+    task = request.task
+    plan = _plan_of(task, request._context)
     if plan is None or not request.worker_pid:
         return
-    task = request.task
     backend = get_backend(task.app)
     member = f"{request.id}|{request.hostname}|{request.worker_pid}"
     names = (
@@ -114,15 +106,12 @@ def _free_dead_child(request: Any, *, final: bool) -> None:
 
 
 @task_revoked.connect(weak=False)
-def _on_revoked(
-    sender: Any = None, request: Any = None, terminated: bool = False, **_: Any
-) -> None:
-    """A revoked or expired task gives its key back."""
-    if request is None or not isinstance(sender, DedupTask):
-        return
-    if terminated and request.worker_pid:
-        _free_dead_child(request, final=True)
-        return
-    plan = _plan_of(request)
+def _on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """A revoked or expired task gives its claim back.
+
+    ``request`` is the task's context. A terminated body's lease is freed by
+    :meth:`DedupRequest.on_failure`, which knows the process that ran it.
+    """
+    plan = _plan_of(sender, request) if request is not None else None
     if plan is not None and plan.has_claim:
         sender._release_claim(get_backend(sender.app), plan.key, request.id)

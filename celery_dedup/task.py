@@ -8,6 +8,7 @@ import inspect
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -245,16 +246,21 @@ class DedupTask(_TaskBase):
         return result
 
     def _release_claim(self, backend: Backend, key: str, task_id: str) -> None:
+        def release() -> object:
+            return backend.claims.release(backend.key(key, "claim"), task_id)
+
         try:
-            backend.claims.release(backend.key(key, "claim"), task_id)
+            release()
         except redis.RedisError:
             logger.warning(
-                "Could not release the claim of %s[%s]; it expires by its TTL",
+                "Could not release the claim of %s[%s]; retrying in the background",
                 self.name,
                 task_id,
                 exc_info=True,
                 extra={"dedup_key": key, "task_id": task_id},
             )
+            ttl = self._dedup_options({}).ttl
+            backend.leases.later(release, time.monotonic() + ttl)
 
     # -- execution ---------------------------------------------------------
 
@@ -301,8 +307,8 @@ class DedupTask(_TaskBase):
     def _execution_plan(
         self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> _Plan:
-        stamp = (request.headers or {}).get(HEADER)
-        if isinstance(stamp, Mapping):
+        stamp = stamp_of(request)
+        if stamp is not None:
             opts = self._dedup_options(_overrides(stamp))
             return _Plan(stamp["key"], bool(stamp.get("claim")), opts)
         # Published without DedupTask.apply_async (send_task by name, say).
@@ -420,23 +426,39 @@ class DedupTask(_TaskBase):
             backend.key(plan.key, f"done:{task_id}"),
         )
         done_ttl = backend.config.done_ttl if ended == "success" else 0
+
+        def release() -> object:
+            return backend.leases.release(
+                names, lease.member, task_id, free_claim, done_ttl
+            )
+
         try:
-            backend.leases.release(names, lease.member, task_id, free_claim, done_ttl)
+            release()
         except redis.RedisError:
             logger.warning(
-                "Could not release the lease of %s[%s]; it expires in %ss",
+                "Could not release the lease of %s[%s]; retrying in the background",
                 self.name,
                 task_id,
-                plan.lock_ttl,
                 exc_info=True,
                 extra={"dedup_key": plan.key, "task_id": task_id},
             )
+            # Until the claim would expire: nothing stays held once Redis is back.
+            ttl = max(plan.lock_ttl, plan.ttl if free_claim else 0)
+            backend.leases.later(release, time.monotonic() + ttl)
 
 
 class _Plan:
     """How one delivery runs: its key, whether it holds a claim, its options."""
 
-    __slots__ = ("has_claim", "key", "lock", "lock_ttl", "max_running", "on_conflict")
+    __slots__ = (
+        "has_claim",
+        "key",
+        "lock",
+        "lock_ttl",
+        "max_running",
+        "on_conflict",
+        "ttl",
+    )
 
     def __init__(self, key: str, has_claim: bool, opts: TaskOptions) -> None:
         self.key = key
@@ -445,11 +467,20 @@ class _Plan:
         self.on_conflict = opts.on_conflict
         self.lock_ttl = opts.lock_ttl
         self.max_running = opts.max_running
+        self.ttl = opts.ttl
 
 
 _METHODS: Final = frozenset(
     name for name in vars(DedupTask) if name.startswith("dedup_")
 ) - set(TASK_OPTIONS)
+
+
+def stamp_of(request: Any) -> Mapping[str, Any] | None:
+    """The dedup header of a task's request context, if it carries one."""
+    stamp = getattr(request, HEADER, None)  # headers are attributes too
+    if stamp is None:
+        stamp = (getattr(request, "headers", None) or {}).get(HEADER)
+    return stamp if isinstance(stamp, Mapping) else None
 
 
 def _member(task_id: str, hostname: str | None) -> str:

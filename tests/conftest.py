@@ -8,6 +8,7 @@ test, and real ``celery worker`` processes started per test.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,11 +63,21 @@ def workers(
     """Start real worker processes on the test's queue; all stopped at the end."""
     started: list[Worker] = []
 
-    def start(concurrency: int = 3, **kwargs: Any) -> Worker:
+    def start(
+        concurrency: int = 3,
+        conf: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Worker:
         worker = Worker(
             APP_MODULE,
             queue,
-            {"DEDUP_TEST_REDIS_URL": redis_server.url(), "DEDUP_TEST_QUEUE": queue},
+            {
+                "DEDUP_TEST_REDIS_URL": redis_server.url(),
+                "DEDUP_TEST_QUEUE": queue,
+                "DEDUP_TEST_CONF": json.dumps(conf or {}),
+                **(env or {}),
+            },
             tmp_path,
             name=f"w{len(started) + 1}-{queue}",
             concurrency=concurrency,

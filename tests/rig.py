@@ -48,7 +48,8 @@ def wait_for(
 class RedisServer:
     """A ``redis-server`` on a free loopback port, owned by the tests."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, persistent: bool = False) -> None:
+        self.persistent = persistent
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not on PATH (apt-get install redis)")
@@ -194,6 +195,15 @@ class Recorder:
     def started(self, task: str) -> list[dict[str, Any]]:
         """Bodies of ``task`` that began (task_id, pid), finished or not."""
         return self._list(f"started:{task}")
+
+    def delivered(self, task: str) -> list[str]:
+        """Task ids of every delivery of ``task`` that reached a worker process."""
+        return [
+            item.decode() for item in self.client.lrange(f"delivered:{task}", 0, -1)
+        ]
+
+    def leases_lost(self) -> list[dict[str, Any]]:
+        return self._list("lease_lost")
 
 
 def max_overlap(entries: list[dict[str, Any]]) -> int:

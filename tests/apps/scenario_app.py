@@ -15,32 +15,59 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.signals import task_prerun
 
-from celery_dedup import DedupTask
+from celery_dedup import DedupTask, signals
 from celery_dedup.connection import reset
 
 app = Celery("scenario_app")
 _recorder: dict[str, redis.Redis] = {}
 
 
-def configure(url: str) -> None:
-    """Point the app (broker, results, dedup keys, recorder) at ``url``."""
+def configure(url: str, dedup_url: str | None = None, **extra: Any) -> None:
+    """Point the app (broker, results, dedup keys, recorder) at ``url``.
+
+    ``dedup_url`` puts the dedup keys on another Redis; ``extra`` settings
+    (for the workers: the JSON in ``DEDUP_TEST_CONF``) are applied on top.
+    """
     base = url.rsplit("/", 1)[0]
     app.conf.update(
         broker_url=f"{base}/0",
         result_backend=f"{base}/1",
-        dedup_redis_url=f"{base}/0",
+        dedup_redis_url=dedup_url or f"{base}/0",
         broker_connection_retry_on_startup=True,
         worker_prefetch_multiplier=1,
         task_default_queue=os.environ.get("DEDUP_TEST_QUEUE", "celery"),
         result_expires=600,
+        **extra,
     )
     reset(app)
     _recorder["client"] = redis.Redis.from_url(f"{base}/2")
 
 
 if "DEDUP_TEST_REDIS_URL" in os.environ:
-    configure(os.environ["DEDUP_TEST_REDIS_URL"])
+    configure(
+        os.environ["DEDUP_TEST_REDIS_URL"],
+        os.environ.get("DEDUP_TEST_DEDUP_REDIS_URL"),
+        **json.loads(os.environ.get("DEDUP_TEST_CONF", "{}")),
+    )
+
+
+@task_prerun.connect
+def _delivered(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    """Every delivery that reaches a process, run or not (redeliveries too)."""
+    _recorder["client"].rpush(
+        f"delivered:{task.name.rsplit('.', 1)[-1]}", task_id or ""
+    )
+
+
+@signals.lease_lost.connect
+def _lost(
+    key: str = "", task_id: str | None = None, reason: str = "", **_: Any
+) -> None:
+    _recorder["client"].rpush(
+        "lease_lost", json.dumps({"task_id": task_id, "reason": reason})
+    )
 
 
 def record(name: str, task_id: str | None, started: float, **extra: Any) -> None:
@@ -67,7 +94,14 @@ def close_campaign(self: DedupTask, campaign_id: int, pause: float = 0.5) -> int
     started = time.time()
     mark_started("close_campaign", self.request.id)
     time.sleep(pause)
-    record("close_campaign", self.request.id, started, campaign_id=campaign_id)
+    record(
+        "close_campaign",
+        self.request.id,
+        started,
+        campaign_id=campaign_id,
+        fence=getattr(self.request, "dedup_fence", None),
+        lease_valid=self.dedup_lease_valid(),
+    )
     return campaign_id
 
 
@@ -90,9 +124,11 @@ class Flaky(Exception):
     default_retry_delay=0.2,
     max_retries=5,
 )
-def flaky(self: DedupTask, job: str, failures: int = 2) -> str:
-    """Fails ``failures`` times, then succeeds."""
-    record("flaky", self.request.id, time.time(), retries=self.request.retries)
+def flaky(self: DedupTask, job: str, failures: int = 2, pause: float = 0.0) -> str:
+    """Fails ``failures`` times, then succeeds; each attempt takes ``pause`` s."""
+    started = time.time()
+    time.sleep(pause)
+    record("flaky", self.request.id, started, retries=self.request.retries)
     if self.request.retries < failures:
         raise Flaky(job)
     return job
