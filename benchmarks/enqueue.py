@@ -102,7 +102,9 @@ def main() -> None:
             base = (r + 1) * 10 * n
             plain_us.append(per_call_us(lambda i: plain.apply_async((i,)), n))
             one_rtt_us.append(per_call_us(plain_and_ping, n))
-            dedup_us.append(per_call_us(lambda i: dedup.apply_async((base + i,)), n))
+            dedup_us.append(
+                per_call_us(lambda i, base=base: dedup.apply_async((base + i,)), n)
+            )
             same_us.append(per_call_us(lambda i: dedup.apply_async((0,)), n))
             ping_us.append(per_call_us(lambda i: client.ping(), n))
         client.flushdb()

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from celery.signals import worker_init
 
 from .config import get_config
+from .exceptions import ConfigurationError
 from .task import DedupTask, _visibility_timeout
 
 if TYPE_CHECKING:
@@ -49,8 +50,14 @@ def problems(app: Celery) -> list[str]:
 
 @worker_init.connect(weak=False)
 def _check_at_start(sender: Any = None, **_: Any) -> None:
+    """Stop a worker whose settings are bad; warn about risky ones."""
     app = getattr(sender, "app", None)
     if app is None:
         return
-    for problem in problems(app):
+    try:
+        found = problems(app)
+    except ConfigurationError as exc:
+        # Celery logs and swallows a receiver's Exception: exit instead.
+        raise SystemExit(f"celery-dedup: {exc}") from exc
+    for problem in found:
         logger.warning("celery-dedup: %s", problem)

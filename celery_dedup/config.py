@@ -163,7 +163,7 @@ class DedupConfig:
     on_conflict: str = "skip"
     ttl: float = 3600.0
     lock_ttl: float = 60.0
-    done_ttl: float = 86400.0
+    done_ttl: float = 7200.0
     tasks: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     on_redis_error: str = "raise"
     outbox_url: str | None = None

@@ -45,29 +45,33 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 if redis.call('EXISTS', KEYS[3]) == 1 then
   return {2}
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local holders = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-local prefix = ARGV[2] .. '|'
-local first, first_id = nil, nil
-for i = 1, #holders, 2 do
-  local id = string.match(holders[i], '^(.-)|')
-  if holders[i]:sub(1, #prefix) == prefix then
-    return {3, tonumber(holders[i + 1]) - now, id}
+local ttl = tonumber(ARGV[3])
+local expire = true
+if redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) >= 0
+    and redis.call('EXISTS', KEYS[1]) == 1 then
+  local holders = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+  local prefix = ARGV[2] .. '|'
+  local first, first_id = nil, nil
+  for i = 1, #holders, 2 do
+    local id = string.match(holders[i], '^(.-)|')
+    if holders[i]:sub(1, #prefix) == prefix then
+      return {3, tonumber(holders[i + 1]) - now, id}
+    end
+    if not first or tonumber(holders[i + 1]) < first then
+      first, first_id = tonumber(holders[i + 1]), id
+    end
   end
-  if not first or tonumber(holders[i + 1]) < first then
-    first, first_id = tonumber(holders[i + 1]), id
+  if #holders / 2 >= tonumber(ARGV[4]) then
+    return {4, first - now, first_id}
   end
-end
-if #holders / 2 >= tonumber(ARGV[4]) then
-  return {4, first - now, first_id}
+  expire = redis.call('PTTL', KEYS[1]) < ttl
 end
 local last = tonumber(redis.call('GET', KEYS[2]) or '0')
 local token = t[1] * 1000000 + t[2]
 if token <= last then token = last + 1 end
 redis.call('SET', KEYS[2], string.format('%d', token), 'PX', ARGV[5])
-local ttl = tonumber(ARGV[3])
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+if expire then redis.call('PEXPIRE', KEYS[1], ttl) end
 if ARGV[6] == '1' and redis.call('GET', KEYS[4]) == ARGV[2] then
   redis.call('DEL', KEYS[4])
 end
@@ -98,16 +102,13 @@ return 1
 # ARGV[2] - task id
 # ARGV[3] - "1": delete the claim if this task id holds it
 # ARGV[4] - completion memory (ms); 0: the task did not succeed
-# Returns 1 if the member held the key until now, else 0. Completion is only
-# recorded for a member that still held its lease.
+# Returns 1 if the member was still in the set, else 0: then another execution
+# took the key (acquiring purges expired members) or it was freed by force.
+# Completion is only recorded for a member that was still there.
 RELEASE: Final = """
 local held = 0
 if ARGV[1] ~= '' then
-  local t = redis.call('TIME')
-  local now = t[1] * 1000 + math.floor(t[2] / 1000)
-  local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
-  if expiry and tonumber(expiry) > now then held = 1 end
-  redis.call('ZREM', KEYS[1], ARGV[1])
+  held = redis.call('ZREM', KEYS[1], ARGV[1])
 end
 if ARGV[3] == '1' and redis.call('GET', KEYS[2]) == ARGV[2] then
   redis.call('DEL', KEYS[2])
@@ -278,6 +279,7 @@ class Heartbeat(threading.Thread):
         self._due: dict[Lease, float] = {}
         self._retries: list[tuple[Callable[[], object], float]] = []
         self._wake = threading.Condition()
+        self._sleeps_until = 0.0  # when the thread wakes by itself next
 
     def retry(self, action: Callable[[], object], until: float) -> None:
         with self._wake:
@@ -285,9 +287,11 @@ class Heartbeat(threading.Thread):
             self._wake.notify()
 
     def add(self, lease: Lease) -> None:
+        due = time.monotonic() + lease.ttl / 3
         with self._wake:
-            self._due[lease] = time.monotonic() + lease.ttl / 3
-            self._wake.notify()
+            self._due[lease] = due
+            if due < self._sleeps_until:  # else it wakes in time: let it sleep
+                self._wake.notify()
 
     def remove(self, lease: Lease) -> None:
         with self._wake:
@@ -304,7 +308,9 @@ class Heartbeat(threading.Thread):
                     wake_at = min(self._due.values(), default=now + 60)
                     if self._retries:
                         wake_at = min(wake_at, next_retry)
+                    self._sleeps_until = wake_at
                     self._wake.wait(timeout=max(0.0, wake_at - now))
+                    self._sleeps_until = 0.0
                     continue
                 if retries:
                     self._retries = []

@@ -44,8 +44,6 @@ HEADER: Final = "celery_dedup"
 
 _RELEASE_AT_START: Final = frozenset({"until_executing", "until_and_while_executing"})
 _RELEASE_AT_END: Final = frozenset({"until_executed"})
-#: Fencing counters outlive leases by far; their TTL only bounds idle keys.
-_FENCE_TTL: Final = 7 * 86400.0
 
 
 class DedupResult(AsyncResult):  # type: ignore[type-arg]
@@ -332,7 +330,9 @@ class DedupTask(_TaskBase):
                 member,
                 plan.lock_ttl,
                 plan.max_running,
-                _FENCE_TTL,
+                # Tokens start from Redis time in us, so the counter needs to
+                # outlive a lease only to order acquisitions within one us.
+                max(backend.config.done_ttl, 3 * plan.lock_ttl),
                 release_claim=plan.lock in _RELEASE_AT_START,
             )
         except redis.RedisError as exc:

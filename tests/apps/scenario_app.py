@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 from celery.signals import task_prerun
 
 from celery_dedup import DedupTask, signals
@@ -139,3 +140,26 @@ def doomed(self: DedupTask, job: str) -> None:
     """Always fails, no retries: a final failure."""
     record("doomed", self.request.id, time.time())
     raise RuntimeError(job)
+
+
+@app.task(base=DedupTask, bind=True, soft_time_limit=1, time_limit=2)
+def ending(self: DedupTask, how: str, pause: float = 0.0) -> str:
+    """Ends its body as ``how`` says: ok, soft (limit), hard (limit), reject, ignore."""
+    started = time.time()
+    mark_started("ending", self.request.id)
+    try:
+        if how in ("soft", "hard"):
+            while True:  # past the soft limit (1 s), and for "hard" past 2 s
+                try:
+                    time.sleep(0.1)
+                except SoftTimeLimitExceeded:
+                    if how == "soft":
+                        raise
+        time.sleep(pause)
+        if how == "reject":
+            raise Reject("rejected", requeue=False)
+        if how == "ignore":
+            raise Ignore()
+        return how
+    finally:
+        record("ending", self.request.id, started, how=how)

@@ -142,3 +142,18 @@ def test_redis_down_at_the_start_of_a_body_does_not_lose_the_task(
     assert len(recorder.runs("close_campaign")) == 1
     scenario_app.configure(redis_server.url())
     del redis_client
+
+
+def test_a_worker_with_a_bad_setting_does_not_start(
+    scenario_app: Any, workers: Callable[..., Worker]
+) -> None:
+    with pytest.raises(AssertionError, match="exited") as caught:
+        workers(concurrency=1, conf={"dedup_lock": "sometimes"})
+    assert "celery-dedup: dedup_lock: expected one of" in str(caught.value)
+
+
+def test_a_worker_warns_about_a_risky_setting(
+    scenario_app: Any, workers: Callable[..., Worker]
+) -> None:
+    worker = workers(concurrency=1, conf={"dedup_done_ttl": 60})
+    assert "celery-dedup: dedup_done_ttl (60s) is shorter" in worker.log()

@@ -1,0 +1,139 @@
+"""Worker throughput with DedupTask against plain Celery, on one local Redis.
+
+    python3 benchmarks/throughput.py [--tasks 2000] [--runs 3]
+
+Each run enqueues N no-op tasks (distinct arguments, so nothing is
+deduplicated), then starts one prefork worker with concurrency 2 and times
+the drain from the moment it is ready until the queue and its unacked set are
+empty. Plain and DedupTask runs alternate. Prints the median tasks/s, their
+ratio, and Redis commands per task from INFO commandstats deltas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from benchmarks import throughput_app
+
+ROOT = Path(__file__).resolve().parent.parent
+QUEUE = "bench-throughput"
+
+
+def start_redis(workdir: str) -> tuple[subprocess.Popen[bytes], str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server not found: run scripts/bootstrap")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    return proc, url
+
+
+def commands(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def one_run(kind: str, n: int, url: str, workdir: str) -> tuple[float, dict[str, int]]:
+    os.environ["BENCH_REDIS_URL"] = url
+    throughput_app.app.conf.broker_url = url
+    task = throughput_app.plain_noop if kind == "plain" else throughput_app.dedup_noop
+    client = redis.Redis.from_url(url)
+    client.flushall()
+    base = int(time.time() * 1000) * 10 * n  # fresh arguments: no dedup hits
+    for i in range(n):
+        task.apply_async((base + i,))
+    client.config_resetstat()
+    log = Path(workdir) / f"worker-{kind}-{time.monotonic_ns()}.log"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "benchmarks.throughput_app", "worker",
+         "--pool", "prefork", "--concurrency", "2", "--loglevel", "INFO",
+         "--logfile", str(log), "--without-mingle", "--without-gossip",
+         "--without-heartbeat", "--queues", QUEUE],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        while not (log.exists() and " ready." in log.read_text()):
+            time.sleep(0.005)
+        started = time.perf_counter()
+        while client.llen(QUEUE) or client.hlen("unacked"):
+            time.sleep(0.005)
+        elapsed = time.perf_counter() - started
+        stats = commands(client)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    client.close()
+    return n / elapsed, stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=3)
+    options = parser.parse_args()
+    workdir = tempfile.mkdtemp(prefix="bench-throughput-")
+    server, url = start_redis(workdir)
+    rates: dict[str, list[float]] = {"plain": [], "dedup": []}
+    stats: dict[str, list[dict[str, int]]] = {"plain": [], "dedup": []}
+    try:
+        for _ in range(options.runs):
+            for kind in ("plain", "dedup"):
+                rate, counted = one_run(kind, options.tasks, url, workdir)
+                rates[kind].append(rate)
+                stats[kind].append(counted)
+                print(f"  {kind:<6} {rate:8.1f} tasks/s", flush=True)
+    finally:
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+    plain, dedup = (statistics.median(rates[k]) for k in ("plain", "dedup"))
+    n = options.tasks
+    print(f"\n{n} no-op tasks, 1 worker x 2 processes, median of {options.runs} runs")
+    print(f"  plain Task   {plain:8.1f} tasks/s")
+    print(f"  DedupTask    {dedup:8.1f} tasks/s   ratio {dedup / plain:.3f}"
+          "  (target >= 0.92)")  # fmt: skip
+    print("Redis commands per task during the drain (median run):")
+    for kind in ("plain", "dedup"):
+        runs = stats[kind]
+        total = statistics.median(sum(s.values()) for s in runs) / n
+        top = sorted(runs[0].items(), key=lambda kv: -kv[1])[:6]
+        shown = ", ".join(f"{name} {calls / n:.2f}" for name, calls in top)
+        print(f"  {kind:<6} {total:5.2f}  ({shown})")
+    extra = statistics.median(
+        sum(s.values()) for s in stats["dedup"]
+    ) - statistics.median(sum(s.values()) for s in stats["plain"])
+    print(
+        f"  DedupTask adds {extra / n:.2f} Redis commands per task, scripts' included"
+    )
+
+
+if __name__ == "__main__":
+    main()
