@@ -10,6 +10,7 @@ from .exceptions import (
     DuplicateTaskError,
     LockLostError,
 )
+from .outbox import worker as _outbox_worker  # noqa: F401  (the in-worker relay)
 from .task import DedupResult, DedupTask
 
 __version__ = "0.1.0.dev0"

@@ -13,11 +13,16 @@ from typing import Final
 import redis
 
 # KEYS[1] - the claim key
+# KEYS[2] - the completion marker of the task id asking (see lease.py)
 # ARGV[1] - the task id asking for it
 # ARGV[2] - time to live, in milliseconds
 # Returns {1, id} for a new claim, {2, id} when ARGV[1] already held it (its TTL
-# is raised to ARGV[2] if that is longer), {0, holder id} when another holds it.
+# is raised to ARGV[2] if that is longer), {0, holder id} when another holds
+# it, {3, id} when that very task id already ran to success.
 CLAIM: Final = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return {3, ARGV[1]}
+end
 local holder = redis.call('GET', KEYS[1])
 if not holder then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -45,18 +50,19 @@ return 0
 NEW: Final = 1
 OWN: Final = 2
 TAKEN: Final = 0
+DONE: Final = 3
 
 
 @dataclasses.dataclass(frozen=True)
 class ClaimResult:
-    """What the claim script answered: NEW, OWN or TAKEN, and the holder."""
+    """What the claim script answered: NEW, OWN, TAKEN or DONE, and the holder."""
 
     status: int
     holder: str
 
     @property
     def acquired(self) -> bool:
-        return self.status != TAKEN
+        return self.status in (NEW, OWN)
 
 
 class Claims:
@@ -66,9 +72,13 @@ class Claims:
         self._claim = client.register_script(CLAIM)
         self._release = client.register_script(RELEASE)
 
-    def claim(self, key: str, task_id: str, ttl: float) -> ClaimResult:
-        """Claim ``key`` for ``task_id`` for ``ttl`` seconds, or report its holder."""
-        status, holder = self._claim(keys=[key], args=[task_id, _ms(ttl)])
+    def claim(self, key: str, done: str, task_id: str, ttl: float) -> ClaimResult:
+        """Claim ``key`` for ``task_id`` for ``ttl`` seconds, or report its holder.
+
+        ``done`` is the task id's completion marker: a task id that already
+        succeeded is not published again.
+        """
+        status, holder = self._claim(keys=[key, done], args=[task_id, _ms(ttl)])
         return ClaimResult(int(status), _text(holder))
 
     def release(self, key: str, task_id: str) -> bool:

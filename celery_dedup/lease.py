@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 # KEYS[2] - the fencing counter
 # KEYS[3] - this task id's completion marker
 # KEYS[4] - the enqueue claim
-# ARGV[1] - member: "<task id>|<host>|<pid>[|<thread>]"
+# ARGV[1] - member: "<len(task id)>:<task id>|<host>|<pid>[|<thread>]"
 # ARGV[2] - task id
 # ARGV[3] - lease TTL (ms)
 # ARGV[4] - how many members may hold the key at once
@@ -50,10 +50,11 @@ local expire = true
 if redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) >= 0
     and redis.call('EXISTS', KEYS[1]) == 1 then
   local holders = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-  local prefix = ARGV[2] .. '|'
+  local prefix = #ARGV[2] .. ':' .. ARGV[2] .. '|'
   local first, first_id = nil, nil
   for i = 1, #holders, 2 do
-    local id = string.match(holders[i], '^(.-)|')
+    local n, rest = string.match(holders[i], '^(%d+):(.*)$')
+    local id = rest:sub(1, tonumber(n))
     if holders[i]:sub(1, #prefix) == prefix then
       return {3, tonumber(holders[i + 1]) - now, id}
     end
@@ -135,19 +136,39 @@ class Outcome:
     holder: str | None = None
 
 
+def member(task_id: str, hostname: str | None, pid: int, thread: int | None) -> str:
+    """Who holds a lease: the task id (length-prefixed, as it may hold any
+    character), host and process; a prefork parent can rebuild it for a child."""
+    held_by = f"{len(task_id)}:{task_id}|{hostname}|{pid}"
+    return held_by if thread is None else f"{held_by}|{thread}"
+
+
+def task_of(held_by: str) -> str:
+    """The task id in a lease member."""
+    length, rest = held_by.split(":", 1)
+    return rest[: int(length)]
+
+
 class Lease:
     """One held lease. Its token and validity live here, not in thread state."""
 
     def __init__(
-        self, key: str, redis_key: str, member: str, token: int, ttl: float
+        self,
+        key: str,
+        redis_key: str,
+        member: str,
+        token: int,
+        ttl: float,
+        asked_at: float,
     ) -> None:
         self.key = key
         self.redis_key = redis_key
         self.member = member
         self.token = token
         self.ttl = ttl
-        self.task_id = member.split("|", 1)[0]
-        self._expires = time.monotonic() + ttl  # by our clock, conservatively
+        self.task_id = task_of(member)
+        # Counted from before the request: never later than Redis's own expiry.
+        self._expires = asked_at + ttl
         self._lost: str | None = None
 
     @property
@@ -164,7 +185,8 @@ class Lease:
     def _renewed(self, at: float) -> None:
         self._expires = at + self.ttl
 
-    def _lose(self, reason: str) -> None:
+    def lose(self, reason: str) -> None:
+        """Mark the lease lost (once), log it and send ``lease_lost``."""
         if self._lost is None:
             self._lost = reason
             logger.info(
@@ -204,7 +226,7 @@ class Leases:
             keys=list(keys),
             args=[
                 member,
-                member.split("|", 1)[0],
+                task_of(member),
                 _ms(ttl),
                 max_running,
                 _ms(fence_ttl),
@@ -334,7 +356,7 @@ class Heartbeat(threading.Thread):
             renewed = self._leases.renew(lease)
         except redis.RedisError as exc:
             if not lease.valid:
-                lease._lose(f"Redis unreachable until the lease expired ({exc!r})")
+                lease.lose(f"Redis unreachable until the lease expired ({exc!r})")
                 self.remove(lease)
             else:
                 self._reschedule(lease, started + min(1.0, lease.ttl / 10))
@@ -343,7 +365,7 @@ class Heartbeat(threading.Thread):
             lease._renewed(started)
             self._reschedule(lease, started + lease.ttl / 3)
         else:
-            lease._lose("another execution holds the key, or the lease expired")
+            lease.lose("another execution holds the key, or the lease expired")
             self.remove(lease)
 
     def _reschedule(self, lease: Lease, at: float) -> None:

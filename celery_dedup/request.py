@@ -15,20 +15,35 @@ from typing import Any
 import redis
 from billiard.einfo import ExceptionWithTraceback  # type: ignore[attr-defined]
 from billiard.exceptions import Terminated, WorkerLostError
+from celery.exceptions import TimeLimitExceeded
 from celery.signals import task_revoked
 from celery.worker.request import Request
 
+from . import lease as leases
 from .config import get_config
 from .connection import get_backend
 from .task import DedupTask, _Plan
 
 logger = logging.getLogger(__name__)
 
-_CHILD_GONE = (WorkerLostError, Terminated, SystemExit, KeyboardInterrupt)
+_CHILD_GONE = (
+    WorkerLostError,
+    Terminated,
+    TimeLimitExceeded,
+    SystemExit,
+    KeyboardInterrupt,
+)
 
 
 class DedupRequest(Request):
     """A ``Request`` that frees the lease of a child process that died."""
+
+    _dedup_requeued: bool | None = None
+
+    def on_timeout(self, soft: bool, timeout: float) -> Any:
+        if not soft:  # the pool kills the child: its body is over
+            _free_dead_child(self, free_claim=False)
+        return super().on_timeout(soft, timeout)
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
@@ -36,25 +51,23 @@ class DedupRequest(Request):
         exc = exc_info.exception
         if isinstance(exc, ExceptionWithTraceback):
             exc = exc.exc
-        if isinstance(exc, _CHILD_GONE):
-            task = self.task
-            requeued = bool(
-                task.acks_late
-                and isinstance(exc, WorkerLostError | SystemExit | KeyboardInterrupt)
-                and task.reject_on_worker_lost
-            )
-            _free_dead_child(self, final=not requeued)
-        return super().on_failure(
-            exc_info, send_failed_event=send_failed_event, return_ok=return_ok
-        )
-
-    def on_timeout(self, soft: bool, timeout: float) -> Any:
-        result = super().on_timeout(soft, timeout)
-        if not soft:  # the pool kills the child: its body is over
-            task = self.task
-            final = not (task.acks_late and not task.acks_on_failure_or_timeout)
-            _free_dead_child(self, final=final)
+        if not isinstance(exc, _CHILD_GONE):
+            return super().on_failure(exc_info, send_failed_event, return_ok)
+        # Free the lease before Celery requeues: the next delivery may be at once.
+        _free_dead_child(self, free_claim=False)
+        self._dedup_requeued = None
+        result = super().on_failure(exc_info, send_failed_event, return_ok)
+        # Celery decided (the rules differ across versions): a message handed
+        # back, or a retry published, keeps the claim; anything else is final.
+        if not self._dedup_requeued and not getattr(
+            self.task, "retry_on_worker_lost", False
+        ):
+            _free_dead_child(self, free_claim=True)
         return result
+
+    def reject(self, requeue: bool = False) -> Any:
+        self._dedup_requeued = requeue
+        return super().reject(requeue=requeue)
 
 
 def _plan_of(task: Any, context: Any) -> _Plan | None:
@@ -70,20 +83,20 @@ def _plan_of(task: Any, context: Any) -> _Plan | None:
         return None
 
 
-def _free_dead_child(request: Any, *, final: bool) -> None:
-    """Give back the lease the dead child held; the claim too if ``final``."""
+def _free_dead_child(request: Any, *, free_claim: bool) -> None:
+    """Give back the lease the dead child held, and the claim if ``free_claim``."""
     task = request.task
     plan = _plan_of(task, request._context)
     if plan is None or not request.worker_pid:
         return
     backend = get_backend(task.app)
-    member = f"{request.id}|{request.hostname}|{request.worker_pid}"
+    member = leases.member(request.id, request.hostname, request.worker_pid, None)
     names = (
         backend.key(plan.key, "lease"),
         backend.key(plan.key, "claim"),
         backend.key(plan.key, f"done:{request.id}"),
     )
-    free_claim = final and plan.has_claim and plan.lock != "while_executing"
+    free_claim = free_claim and plan.has_claim
     try:
         held = backend.leases.release(names, member, request.id, free_claim, 0)
     except redis.RedisError:
@@ -96,13 +109,15 @@ def _free_dead_child(request: Any, *, final: bool) -> None:
             exc_info=True,
         )
         return
-    logger.info(
-        "Freed the lease of %s[%s] whose process %s died",
-        request.name,
-        request.id,
-        request.worker_pid,
-        extra={"dedup_key": plan.key, "task_id": request.id, "held": held},
-    )
+    if held or free_claim:
+        logger.info(
+            "Freed the %s of %s[%s] whose process %s died",
+            "lease" if held else "claim",
+            request.name,
+            request.id,
+            request.worker_pid,
+            extra={"dedup_key": plan.key, "task_id": request.id},
+        )
 
 
 @task_revoked.connect(weak=False)

@@ -131,6 +131,7 @@ class DedupTask(_TaskBase):
                 "options": {n: v for n, v in call.items() if n != "dedup_key"},
             }
 
+        had_claim = bool(stamp.get("claim"))
         stamp["claim"] = False
         if opts.lock != "while_executing":
             held = self._claim(backend, stamp["key"], opts, task_id, options, retrying)
@@ -138,7 +139,8 @@ class DedupTask(_TaskBase):
                 # Taken by another task, or this very task id is already pending
                 # (a caller that sends deterministic task ids twice).
                 return self._deduplicated(stamp["key"], opts, held.holder)
-            stamp["claim"] = held is not None and held.acquired
+            # A retry that could not reach Redis still owns the claim it had.
+            stamp["claim"] = held.acquired if held is not None else had_claim
         headers[HEADER] = stamp
         try:
             result = super().apply_async(
@@ -207,7 +209,10 @@ class DedupTask(_TaskBase):
         """
         try:
             return backend.claims.claim(
-                backend.key(key, "claim"), task_id, _claim_ttl(opts.ttl, options)
+                backend.key(key, "claim"),
+                backend.key(key, f"done:{task_id}"),
+                task_id,
+                _claim_ttl(opts.ttl, {"expires": self.expires, **options}),
             )
         except redis.RedisError as exc:
             if retrying:
@@ -289,7 +294,9 @@ class DedupTask(_TaskBase):
         try:
             result = super().__call__(*args, **kwargs)
             if not lease.valid:
-                raise LockLostError(plan.key, task_id, lease.lost_reason or "")
+                reason = lease.lost_reason or "lost"
+                lease.lose(reason)  # logs and signals, unless the heartbeat did
+                raise LockLostError(plan.key, task_id, reason)
             ended = "success"
             return result
         except Retry:
@@ -323,7 +330,11 @@ class DedupTask(_TaskBase):
             backend.key(plan.key, f"done:{task_id}"),
             backend.key(plan.key, "claim"),
         )
-        member = _member(task_id, self.request.hostname)
+        thread = None
+        if threading.current_thread() is not threading.main_thread():
+            thread = threading.get_ident()
+        member = leases.member(task_id, self.request.hostname, os.getpid(), thread)
+        asked_at = time.monotonic()
         try:
             outcome = backend.leases.acquire(
                 names,
@@ -337,17 +348,20 @@ class DedupTask(_TaskBase):
             )
         except redis.RedisError as exc:
             if backend.config.on_redis_error == "raise":
-                # Not lost: run it again later, when Redis may be back.
-                self._reschedule(min(plan.lock_ttl, 5.0), "Redis is unavailable")
+                # Not lost and not run unguarded: again later, when Redis is back.
+                self._reschedule(min(plan.lock_ttl, 5.0), f"Redis unavailable: {exc!r}")
             self._redis_down(backend, "the execution lease", exc, plan.key, task_id)
             return None
         if outcome.status == leases.ACQUIRED:
             return leases.Lease(
-                plan.key, names[0], member, outcome.token, plan.lock_ttl
+                plan.key, names[0], member, outcome.token, plan.lock_ttl, asked_at
             )
         if outcome.status == leases.DONE:
+            # A copy of a task that already succeeded: ack it, run nothing.
             _log_duplicate(self.name, plan.key, task_id, task_id, "execution")
-            raise Ignore()  # a redelivered copy of a task that already succeeded
+            if plan.has_claim:
+                self._release_claim(backend, plan.key, task_id)
+            raise Ignore()
         if outcome.status == leases.SAME_TASK:
             # Another delivery of this very task runs: it may die, and then this
             # copy is the only one left. Never drop it.
@@ -483,14 +497,6 @@ def stamp_of(request: Any) -> Mapping[str, Any] | None:
     return stamp if isinstance(stamp, Mapping) else None
 
 
-def _member(task_id: str, hostname: str | None) -> str:
-    """Who holds a lease. A prefork parent can rebuild it for a dead child."""
-    member = f"{task_id}|{hostname}|{os.getpid()}"
-    if threading.current_thread() is not threading.main_thread():
-        member += f"|{threading.get_ident()}"
-    return member
-
-
 def _overrides(stamp: Mapping[str, Any]) -> dict[str, Any]:
     call = dict(stamp.get("options") or {})
     call["dedup_lock"] = stamp.get("lock")
@@ -532,8 +538,10 @@ def _call_options(options: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _visibility_timeout(app: Any) -> float:
+    """The broker's redelivery timeout (kombu's defaults: SQS 30 min, else 1 h)."""
     options = app.conf.broker_transport_options or {}
-    return float(options.get("visibility_timeout", 3600))
+    default = 1800 if str(app.conf.broker_url or "").startswith("sqs") else 3600
+    return float(options.get("visibility_timeout", default))
 
 
 def _claim_ttl(ttl: float, options: Mapping[str, Any]) -> float:

@@ -163,3 +163,46 @@ def ending(self: DedupTask, how: str, pause: float = 0.0) -> str:
         return how
     finally:
         record("ending", self.request.id, started, how=how)
+
+
+def winners_table(metadata: Any, outbox_table: str) -> Any:
+    """The business table that ``find_winners`` writes beside its event."""
+    import sqlalchemy as sa
+
+    name = f"{outbox_table}_winners"
+    if name in metadata.tables:
+        return metadata.tables[name]
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("campaign_id", sa.Integer, nullable=False),
+        sa.Column("task_id", sa.String(64), nullable=False),
+    )
+
+
+@app.task(base=DedupTask, bind=True, dedup_key=("campaign_id",))
+def find_winners(self: DedupTask, campaign_id: int, pause: float = 0.5) -> bool:
+    """Seed 000's job with its side effects: a business row and one event,
+    written in one transaction after ``pause`` seconds of work."""
+    from sqlalchemy.orm import Session
+
+    from celery_dedup.outbox import Outbox
+
+    started = time.time()
+    mark_started("find_winners", self.request.id)
+    time.sleep(pause)
+    outbox = Outbox.from_app(app)
+    winners = winners_table(outbox.metadata, outbox.table_name)
+    with Session(outbox.engine) as session, session.begin():
+        session.execute(
+            winners.insert().values(campaign_id=campaign_id, task_id=self.request.id)
+        )
+        created = outbox.add(
+            session,
+            "CAMPAIGN_CLOSING_FIND_QUEST_WINNERS",
+            aggregate_id=f"campaign:{campaign_id}",
+            payload={"campaign_id": campaign_id},
+        )
+    record("find_winners", self.request.id, started, created=created)
+    return created

@@ -337,3 +337,16 @@ def test_retries_are_never_deduplicated_and_release_after_success(
     ]
     # and the claim is gone once it succeeded
     wait_for(lambda: claim_holder(scenario_app.app, key) is None, 5, "release")
+
+
+def test_only_the_holder_releases_a_claim(
+    scenario_app: Any, redis_client: redis.Redis, queue: str
+) -> None:
+    task = scenario_app.close_campaign
+    result = task.apply_async((13,), queue=queue)
+    backend = get_backend(scenario_app.app)
+    name = backend.key(task.dedup_key_for((13,)), "claim")
+    assert not backend.claims.release(name, "some-late-finisher")
+    assert redis_client.get(name) == result.id.encode()
+    assert backend.claims.release(name, result.id)
+    assert redis_client.get(name) is None

@@ -70,6 +70,18 @@ def test_fence_tokens_increase_from_run_to_run(
     assert fences == sorted(set(fences))
 
 
+FREE = {"claim": None, "lease": 0}
+
+
+def held(client: redis.Redis, task: Any, args: tuple[Any, ...]) -> dict[str, object]:
+    """The claim holder and the lease holders of ``task(*args)``'s key."""
+    key = task.dedup_key_for(args)
+    return {
+        "claim": client.get(f"dedup:{{{key}}}:claim"),
+        "lease": client.zcard(f"dedup:{{{key}}}:lease"),
+    }
+
+
 @pytest.fixture
 def dedup_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A second Redis, for the dedup keys only, that keeps them on disk."""
@@ -105,10 +117,10 @@ def test_redis_lost_mid_body_is_reported_and_nothing_stays_held(
     assert result.result.task_id == result.id
     (run,) = recorder.runs("close_campaign")
     assert run["lease_valid"] is False
-    # and once Redis is back, nothing of the key is held
+    # and once Redis is back (with what it had saved), nothing of the key is held
     dedup_redis.start()
     client = dedup_redis.client()
-    wait_for(lambda: not list(client.scan_iter("dedup:*")), 10, "the key to be free")
+    wait_for(lambda: held(client, task, (23, 5.0)) == FREE, 10, "the key to be free")
     again = task.apply_async((23, 0.1), queue=queue, dedup_lock_ttl=1.5)
     assert not again.deduplicated
     assert again.get(timeout=20) == 23
@@ -136,10 +148,13 @@ def test_redis_down_at_the_start_of_a_body_does_not_lose_the_task(
     # Then it did not run unguarded, and is waiting, not lost
     assert recorder.started("close_campaign") == []
     assert result.state == "PENDING"
-    # and it runs once Redis is back
+    # and it runs once Redis is back, and frees its key after
     dedup_redis.start()
     assert result.get(timeout=30) == 24
     assert len(recorder.runs("close_campaign")) == 1
+    client = dedup_redis.client()
+    wait_for(lambda: held(client, task, (24, 0.1)) == FREE, 10, "the key to be free")
+    client.close()
     scenario_app.configure(redis_server.url())
     del redis_client
 

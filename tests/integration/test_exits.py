@@ -111,3 +111,34 @@ def test_other_pools_keep_one_body_per_key(
     assert fences == sorted(set(fences))
     time.sleep(0.2)
     assert held(scenario_app.app, task, (32, 0.5)) == FREE
+
+
+def test_terminating_a_running_task_frees_its_key(
+    scenario_app: Any,
+    workers: Callable[..., Worker],
+    recorder: Recorder,
+    queue: str,
+) -> None:
+    workers(concurrency=2)
+    task = scenario_app.close_campaign
+    result = task.apply_async((33, 30.0), queue=queue, dedup_lock_ttl=60)
+    wait_for(lambda: recorder.started("close_campaign"), 20, "the body to start")
+    scenario_app.app.control.revoke(result.id, terminate=True, signal="SIGKILL")
+    wait_for(lambda: held(scenario_app.app, task, (33, 30.0)) == FREE, 10, "release")
+    assert result.state == "REVOKED"
+
+
+def test_a_task_id_that_already_succeeded_is_not_published_again(
+    scenario_app: Any,
+    redis_client: redis.Redis,
+    workers: Callable[..., Worker],
+    queue: str,
+) -> None:
+    workers(concurrency=1)
+    task = scenario_app.close_campaign
+    done = task.apply_async((34, 0.01), queue=queue, task_id="order-34")
+    assert done.get(timeout=20) == 34
+    again = task.apply_async((34, 0.01), queue=queue, task_id="order-34")
+    assert again.deduplicated
+    assert again.get(timeout=5) == 34  # the existing result
+    assert held(scenario_app.app, task, (34, 0.01)) == FREE

@@ -37,7 +37,12 @@ def acquire(
     member: str | None = None,
 ) -> leases.Outcome:
     return scripts.acquire(
-        names(key, task_id), member or f"{task_id}|h|1", ttl, max_running, 60, False
+        names(key, task_id),
+        member or leases.member(task_id, "h", 1, None),
+        ttl,
+        max_running,
+        60,
+        False,
     )
 
 
@@ -46,7 +51,11 @@ def release(
 ) -> bool:
     lease_set, _, done_key, claim = names(key, task_id)
     return scripts.release(
-        (lease_set, claim, done_key), f"{task_id}|h|1", task_id, True, done
+        (lease_set, claim, done_key),
+        leases.member(task_id, "h", 1, None),
+        task_id,
+        True,
+        done,
     )
 
 
@@ -87,10 +96,16 @@ def test_max_running_admits_that_many(scripts: leases.Leases) -> None:
 def test_another_delivery_of_the_same_task_is_told_apart(
     scripts: leases.Leases,
 ) -> None:
-    assert acquire(scripts, "a", member="a|h|1", max_running=5).status == 1
-    same = acquire(scripts, "a", member="a|h|2", max_running=5)
+    first = leases.member("a", "h", 1, None)
+    assert acquire(scripts, "a", member=first, max_running=5).status == 1
+    same = acquire(scripts, "a", member=leases.member("a", "h", 2, 7), max_running=5)
     assert same.status == leases.SAME_TASK
     assert same.holder == "a"
+    # task ids may hold the separator: "a|h" is not a delivery of "a"
+    other = acquire(
+        scripts, "a|h", member=leases.member("a|h", "h", 3, None), max_running=5
+    )
+    assert other.status == leases.ACQUIRED
 
 
 def test_completion_is_remembered_only_for_a_held_lease(
@@ -114,9 +129,12 @@ def test_renewal_replaces_the_ttl_and_fails_for_a_lost_lease(
     scripts: leases.Leases, redis_client: redis.Redis
 ) -> None:
     outcome = acquire(scripts, "a", ttl=0.3)
-    lease = leases.Lease("k", names("k", "a")[0], "a|h|1", outcome.token, 5)
+    held_by = leases.member("a", "h", 1, None)
+    lease = leases.Lease(
+        "k", names("k", "a")[0], held_by, outcome.token, 5, time.monotonic()
+    )
     assert scripts.renew(lease)  # now 5 s, not 0.3 + 5
-    score = redis_client.zscore(names("k", "a")[0], "a|h|1")
+    score = redis_client.zscore(names("k", "a")[0], held_by)
     now_ms = int(redis_client.time()[0]) * 1000
     assert score is not None
     assert 3000 < score - now_ms <= 6000
@@ -129,11 +147,11 @@ def test_acquire_can_free_the_claim_of_its_own_task(
 ) -> None:
     claim = redis_key("dedup", "k", "claim")
     redis_client.set(claim, "a")
-    scripts.acquire(names("k", "a"), "a|h|1", 10, 1, 60, True)
+    scripts.acquire(names("k", "a"), leases.member("a", "h", 1, None), 10, 1, 60, True)
     assert redis_client.get(claim) is None
     redis_client.set(claim, "other")
     release(scripts, "a")
-    scripts.acquire(names("k", "b"), "b|h|1", 10, 1, 60, True)
+    scripts.acquire(names("k", "b"), leases.member("b", "h", 1, None), 10, 1, 60, True)
     assert redis_client.get(claim) == b"other"
 
 
@@ -150,7 +168,10 @@ def test_the_heartbeat_keeps_a_lease_and_reports_a_lost_one(
     signals.lease_lost.connect(on_lost, weak=False)
     try:
         outcome = acquire(scripts, "a", ttl=0.6)
-        lease = leases.Lease("k", names("k", "a")[0], "a|h|1", outcome.token, 0.6)
+        held_by = leases.member("a", "h", 1, None)
+        lease = leases.Lease(
+            "k", names("k", "a")[0], held_by, outcome.token, 0.6, time.monotonic()
+        )
         scripts.watch(lease)
         time.sleep(1.5)  # 2.5 TTLs: kept alive by renewals
         assert lease.valid

@@ -34,12 +34,23 @@ TASK = "tests.apps.scenario_app.close_campaign"
 
 
 def burst(
-    server: RedisServer, queue: str, options: dict[str, Any]
+    server: RedisServer,
+    queue: str,
+    options: dict[str, Any],
+    *,
+    task: str = TASK,
+    args: list[Any] | None = None,
 ) -> list[dict[str, Any]]:
     """3 client processes, each 10 identical apply_async calls over 3 s."""
     start_at = time.time() + 1.5  # all three import Celery first, then fire together
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DEDUP_TEST_REDIS_URL": server.url()}
-    argv = [TASK, json.dumps([75]), json.dumps({"queue": queue, **options}), "10", "3"]
+    argv = [
+        task,
+        json.dumps(args or [75]),
+        json.dumps({"queue": queue, **options}),
+        "10",
+        "3",
+    ]
     clients = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.apps.client", *argv, str(start_at)],

@@ -186,3 +186,25 @@ def test_an_outbox_without_engine_still_adds(sqlite_db: Database) -> None:
         assert detached.add(conn, "CLOSED", aggregate_id="a")
     with pytest.raises(OutboxError):
         detached.create_all()
+
+
+LEGACY = sa.__version__.startswith("1.")
+
+
+@pytest.mark.skipif(LEGACY, reason="SQLAlchemy 2 connections begin on first use")
+def test_a_connection_without_begin_commits_only_when_told(
+    sqlite_db: Database,
+) -> None:
+    with sqlite_db.engine.connect() as conn:
+        assert sqlite_db.outbox.add(conn, "A", aggregate_id="1")
+        conn.rollback()
+        assert sqlite_db.outbox.add(conn, "A", aggregate_id="1")
+        conn.commit()
+    assert len(sqlite_db.rows()) == 1
+
+
+@pytest.mark.skipif(not LEGACY, reason="SQLAlchemy 1.4 legacy connections only")
+def test_a_legacy_autocommit_connection_is_refused(sqlite_db: Database) -> None:
+    with sqlite_db.engine.connect() as conn, pytest.raises(OutboxError):
+        sqlite_db.outbox.add(conn, "A", aggregate_id="1")
+    assert sqlite_db.rows() == []

@@ -172,6 +172,7 @@ def test_an_unreachable_broker_parks_nothing(sqlite_db: Database) -> None:
         0,
         0,
     )
+    assert counts.broker_unreachable
     for row in sqlite_db.rows():
         assert (row.state, row.attempts, row.claim_token) == ("pending", 0, None)
     relay.close()
