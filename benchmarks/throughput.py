@@ -24,7 +24,7 @@ from pathlib import Path
 
 import redis
 
-from benchmarks import throughput_app
+import throughput_app  # beside this script; the worker imports it as benchmarks.throughput_app
 
 ROOT = Path(__file__).resolve().parent.parent
 QUEUE = "bench-throughput"

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 from celery.signals import worker_init
 
-from .config import get_config
+from .config import get_config, visibility_timeout
 from .exceptions import ConfigurationError
-from .task import DedupTask, _visibility_timeout
+from .task import DedupTask
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -27,7 +27,7 @@ def problems(app: Celery) -> list[str]:
     found = []
     broker = str(app.conf.broker_url or "")
     if broker.startswith(("redis", "rediss", "sqs")):
-        visibility = _visibility_timeout(app)
+        visibility = visibility_timeout(app)
         if config.done_ttl < visibility:
             found.append(
                 f"dedup_done_ttl ({config.done_ttl:g}s) is shorter than the broker's "

@@ -271,3 +271,10 @@ def resolve(
         lock_ttl=pick("dedup_lock_ttl", config.lock_ttl),
         max_running=pick("dedup_max_running", 1),
     )
+
+
+def visibility_timeout(app: Celery) -> float:
+    """The broker's redelivery timeout (kombu's defaults: SQS 30 min, else 1 h)."""
+    options = app.conf.broker_transport_options or {}
+    default = 1800 if str(app.conf.broker_url or "").startswith("sqs") else 3600
+    return float(options.get("visibility_timeout", default))

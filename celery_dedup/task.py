@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import functools
 import inspect
 import logging
@@ -21,7 +20,14 @@ from celery.utils import uuid
 from . import claim as claims
 from . import lease as leases
 from . import signals
-from .config import TASK_OPTIONS, TaskOptions, get_config, resolve, validate_task_option
+from .config import (
+    TASK_OPTIONS,
+    TaskOptions,
+    get_config,
+    resolve,
+    validate_task_option,
+    visibility_timeout,
+)
 from .connection import Backend, get_backend
 from .exceptions import (
     BackendUnavailableError,
@@ -212,7 +218,7 @@ class DedupTask(_TaskBase):
                 backend.key(key, "claim"),
                 backend.key(key, f"done:{task_id}"),
                 task_id,
-                _claim_ttl(opts.ttl, {"expires": self.expires, **options}),
+                claims.ttl_for(opts.ttl, {"expires": self.expires, **options}),
             )
         except redis.RedisError as exc:
             if retrying:
@@ -394,7 +400,7 @@ class DedupTask(_TaskBase):
         is not itself redelivered.
         """
         request = self.request
-        countdown = min(max(countdown, 0.1), _visibility_timeout(self.app) / 2)
+        countdown = min(max(countdown, 0.1), visibility_timeout(self.app) / 2)
         logger.info(
             "Rescheduled %s[%s] in %.1fs: %s",
             self.name,
@@ -535,45 +541,6 @@ def _call_options(options: dict[str, Any], where: str) -> dict[str, Any]:
         elif value is not None:
             call[name] = validate_task_option(name, value, f"{where}: ")
     return call
-
-
-def _visibility_timeout(app: Any) -> float:
-    """The broker's redelivery timeout (kombu's defaults: SQS 30 min, else 1 h)."""
-    options = app.conf.broker_transport_options or {}
-    default = 1800 if str(app.conf.broker_url or "").startswith("sqs") else 3600
-    return float(options.get("visibility_timeout", default))
-
-
-def _claim_ttl(ttl: float, options: Mapping[str, Any]) -> float:
-    """The claim outlives the wait for an ``eta``/``countdown``, not ``expires``."""
-    eta, countdown, expires = (
-        options.get("eta"),
-        options.get("countdown"),
-        options.get("expires"),
-    )
-    if eta is None and countdown is None and expires is None:
-        return ttl
-    now = datetime.datetime.now(datetime.timezone.utc)
-    delay = _seconds_until(eta, now) if eta is not None else float(countdown or 0)
-    total = ttl + max(0.0, delay)
-    if expires is not None:
-        left = (
-            float(expires)
-            if isinstance(expires, int | float)
-            else _seconds_until(expires, now)
-        )
-        total = min(total, max(left, 0.001))
-    return float(total)
-
-
-def _seconds_until(moment: object, now: datetime.datetime) -> float:
-    if isinstance(moment, str):  # a retry carries eta and expires as ISO 8601
-        moment = datetime.datetime.fromisoformat(moment)
-    if not isinstance(moment, datetime.datetime):
-        return 0.0
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return (moment - now).total_seconds()
 
 
 def current_fence() -> tuple[str, int] | None:
