@@ -22,9 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# throughput_app sits beside this script; the worker imports it as
+# benchmarks.throughput_app.
 import redis
-
-import throughput_app  # beside this script; the worker imports it as benchmarks.throughput_app
+import throughput_app
 
 ROOT = Path(__file__).resolve().parent.parent
 QUEUE = "bench-throughput"

@@ -10,8 +10,10 @@ from .exceptions import (
     DuplicateTaskError,
     LockLostError,
 )
+from .hooks import install
 from .outbox import worker as _outbox_worker  # noqa: F401  (the in-worker relay)
-from .task import DedupResult, DedupTask
+from .periodic import once_per_period, per_period
+from .task import DedupResult, DedupTask, current_fence
 
 __version__ = "0.1.0.dev0"
 
@@ -24,4 +26,8 @@ __all__ = [
     "DuplicateTaskError",
     "LockLostError",
     "__version__",
+    "current_fence",
+    "install",
+    "once_per_period",
+    "per_period",
 ]

@@ -35,7 +35,7 @@ def problems(app: Celery) -> list[str]:
                 "its task succeeded may run again"
             )
     for task in app.tasks.values():
-        if not isinstance(task, DedupTask):
+        if not isinstance(task, DedupTask) or not task._dedup_on():
             continue
         opts = task._dedup_options({})
         limit = task.time_limit or app.conf.task_time_limit

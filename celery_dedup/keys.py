@@ -47,6 +47,11 @@ def _dumps(value: Any) -> str:
     )
 
 
+def canonical(args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+    """Positional and keyword arguments as canonical text (see the module)."""
+    return _serialise({"args": list(args), "kwargs": dict(kwargs)})
+
+
 def digest(task_name: str, material: str) -> str:
     """The key for ``material`` (canonical text) of ``task_name``: 32 hex digits."""
     data = f"{task_name}\x00{material}".encode()

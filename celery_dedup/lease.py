@@ -36,14 +36,25 @@ logger = logging.getLogger(__name__)
 # ARGV[4] - how many members may hold the key at once
 # ARGV[5] - fencing counter TTL (ms)
 # ARGV[6] - "1": delete the claim if this task id holds it, once acquired
-# Returns {1, token} acquired; {2} the task id already completed; {3, ms, id}
-# another execution of this task id holds the key; {4, ms, id} other task ids
-# fill the key (ms: until the earliest holder's lease ends).
+# ARGV[7] - claim TTL (ms) to take the claim here, at execution, for a message
+#           no publisher claimed (until_expired); "0": leave the claim alone
+# Returns {1, token, 1 if it took the claim} acquired; {2} the task id already
+# completed; {3, ms, id} another execution of this task id holds the key;
+# {4, ms, id} other task ids fill the key (ms: until the earliest holder's
+# lease ends); {5, ms, id} another task id holds the claim ARGV[7] asked for.
 ACQUIRE: Final = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 if redis.call('EXISTS', KEYS[3]) == 1 then
   return {2}
+end
+local claim_ttl = tonumber(ARGV[7])
+local claim_holder = false
+if claim_ttl > 0 then
+  claim_holder = redis.call('GET', KEYS[4])
+  if claim_holder and claim_holder ~= ARGV[2] then
+    return {5, redis.call('PTTL', KEYS[4]), claim_holder}
+  end
 end
 local ttl = tonumber(ARGV[3])
 local expire = true
@@ -73,10 +84,16 @@ if token <= last then token = last + 1 end
 redis.call('SET', KEYS[2], string.format('%d', token), 'PX', ARGV[5])
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 if expire then redis.call('PEXPIRE', KEYS[1], ttl) end
-if ARGV[6] == '1' and redis.call('GET', KEYS[4]) == ARGV[2] then
+local claimed = 0
+if claim_ttl > 0 then
+  if not claim_holder then
+    redis.call('SET', KEYS[4], ARGV[2], 'PX', claim_ttl)
+  end
+  claimed = 1
+elseif ARGV[6] == '1' and redis.call('GET', KEYS[4]) == ARGV[2] then
   redis.call('DEL', KEYS[4])
 end
-return {1, token}
+return {1, token, claimed}
 """
 
 # KEYS[1] - the lease set
@@ -124,6 +141,7 @@ ACQUIRED: Final = 1
 DONE: Final = 2
 SAME_TASK: Final = 3
 BUSY: Final = 4
+CLAIMED: Final = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +152,7 @@ class Outcome:
     token: int = 0
     wait: float = 0.0  # seconds until the earliest holder's lease ends
     holder: str | None = None
+    took_claim: bool = False
 
 
 def member(task_id: str, hostname: str | None, pid: int, thread: int | None) -> str:
@@ -220,8 +239,12 @@ class Leases:
         max_running: int,
         fence_ttl: float,
         release_claim: bool,
+        claim_ttl: float = 0,
     ) -> Outcome:
-        """Try to take the lease; keys: lease set, fence, done marker, claim."""
+        """Try to take the lease; keys: lease set, fence, done marker, claim.
+
+        ``claim_ttl`` > 0 also takes the claim (for that long) if it is free.
+        """
         reply = self._acquire(
             keys=list(keys),
             args=[
@@ -231,11 +254,12 @@ class Leases:
                 max_running,
                 _ms(fence_ttl),
                 "1" if release_claim else "0",
+                _ms(claim_ttl, 0),
             ],
         )
         status = int(reply[0])
         if status == ACQUIRED:
-            return Outcome(status, token=int(reply[1]))
+            return Outcome(status, token=int(reply[1]), took_claim=bool(reply[2]))
         if status == DONE:
             return Outcome(status)
         return Outcome(

@@ -20,7 +20,6 @@ from celery.signals import task_revoked
 from celery.worker.request import Request
 
 from . import lease as leases
-from .config import get_config
 from .connection import get_backend
 from .task import DedupTask, _Plan
 
@@ -72,7 +71,7 @@ class DedupRequest(Request):
 
 def _plan_of(task: Any, context: Any) -> _Plan | None:
     """The plan a delivery ran (or would have run) under, from its context."""
-    if not isinstance(task, DedupTask) or not get_config(task.app).enabled:
+    if not isinstance(task, DedupTask) or not task._dedup_on():
         return None
     try:
         return task._execution_plan(

@@ -15,7 +15,9 @@ from celery.utils.dispatch import Signal
 
 #: A call or a delivered message was not run because its key is held.
 #: Arguments: ``key``, ``task_id`` (the dropped one, None at enqueue),
-#: ``existing_task_id``, ``stage`` ("enqueue" or "execution").
+#: ``existing_task_id``, ``stage``: "enqueue" (apply_async returned the holder),
+#: "publish" (a message published past apply_async was marked a duplicate,
+#: see :func:`celery_dedup.install`) or "execution" (a delivery was dropped).
 task_deduplicated = Signal(
     name="task_deduplicated",
     providing_args=["key", "task_id", "existing_task_id", "stage"],

@@ -77,16 +77,49 @@ class DedupTask(_TaskBase):
     #: The worker-side request class: frees a lease whose process died.
     Request = "celery_dedup.request:DedupRequest"
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        where = f"{vars(cls).get('name') or cls.__qualname__}."
-        for name, value in list(vars(cls).items()):
-            if not name.startswith("dedup_") or name in _METHODS or value is None:
-                continue
-            validate_task_option(name, value, where)
-            if name == "dedup_key" and inspect.isfunction(value):
-                # A plain function stored on a class would bind as a method.
-                cls.dedup_key = staticmethod(value)
+    @classmethod
+    def on_bound(cls, app: Any) -> None:
+        """Check the task's dedup options, annotations included, once bound."""
+        super().on_bound(app)
+        cls.dedup_attributes()
+
+    @classmethod
+    def dedup_attributes(cls) -> dict[str, Any]:
+        """The task's own ``dedup_*`` options (attributes and annotations),
+        checked: an unknown or ill-typed one raises, named with the task."""
+        where = f"{cls.name or cls.__qualname__}."
+        names = {n for n in vars(cls) if n.startswith("dedup_")} - _METHODS
+        found = {}
+        for name in sorted(names | set(TASK_OPTIONS)):
+            value = getattr(cls, name)
+            if value is not None:  # an unknown name fails here, named
+                found[name] = validate_task_option(name, value, where)
+        if inspect.isfunction(cls.dedup_key):
+            # A plain function stored on a class would bind as a method.
+            cls.dedup_key = staticmethod(cls.dedup_key)
+        return found
+
+    def _dedup_on(self) -> bool:
+        """Whether this task deduplicates at all.
+
+        With ``base=DedupTask`` it does. As the app-wide default
+        (``task_cls="celery_dedup:DedupTask"``) only a task that opts in does:
+        one with a ``dedup_*`` option (attribute or annotation) or a
+        ``dedup_tasks`` entry; the others behave as plain Celery tasks.
+        """
+        config = get_config(self.app)
+        cached = self.__dict__.get("_dedup_on_cache")
+        if cached is not None and cached[0] is config:
+            return bool(cached[1])
+        default = self.app.Task
+        app_wide = isinstance(self, default) and issubclass(default, DedupTask)
+        on = config.enabled and (
+            not app_wide
+            or self.name in config.tasks
+            or any(getattr(type(self), n) is not None for n in TASK_OPTIONS)
+        )
+        self.__dict__["_dedup_on_cache"] = (config, on)
+        return on
 
     # -- enqueue -----------------------------------------------------------
 
@@ -112,7 +145,7 @@ class DedupTask(_TaskBase):
         app = self.app
         headers = dict(options.pop("headers", None) or {})
         stamp = headers.get(HEADER)
-        if not get_config(app).enabled or app.conf.task_always_eager:
+        if app.conf.task_always_eager or not (call or self._dedup_on()):
             # Eager calls run in this process at once: nothing is queued twice.
             result = super().apply_async(
                 args, kwargs, task_id, producer, link, link_error, shadow,
@@ -185,7 +218,9 @@ class DedupTask(_TaskBase):
         cached = self.__dict__.get("_dedup_defaults")
         if not call and cached is not None and cached[0] is config:
             return cached[1]  # type: ignore[no-any-return]
-        attributes = {name: getattr(type(self), name) for name in TASK_OPTIONS}
+        attributes = self.__dict__.get("_dedup_attributes")
+        if attributes is None:
+            attributes = self.__dict__["_dedup_attributes"] = self.dedup_attributes()
         opts = resolve(config, self.name, attributes, call)
         if not call:
             self.__dict__["_dedup_defaults"] = (config, opts)
@@ -285,8 +320,10 @@ class DedupTask(_TaskBase):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
         task_id = request.id
-        if task_id is None or request.is_eager or not get_config(self.app).enabled:
+        if task_id is None or request.is_eager:
             return super().__call__(*args, **kwargs)
+        if not self._dedup_on() and stamp_of(request) is None:
+            return super().__call__(*args, **kwargs)  # a call that did not opt in
         plan = self._execution_plan(request, args, kwargs)
         backend = get_backend(self.app)
         lease = self._acquire(backend, plan, task_id)
@@ -321,10 +358,15 @@ class DedupTask(_TaskBase):
         stamp = stamp_of(request)
         if stamp is not None:
             opts = self._dedup_options(_overrides(stamp))
-            return _Plan(stamp["key"], bool(stamp.get("claim")), opts)
-        # Published without DedupTask.apply_async (send_task by name, say).
+            plan = _Plan(stamp["key"], bool(stamp.get("claim")), opts)
+            plan.duplicate_of = stamp.get("duplicate_of")
+            return plan
+        # Published by code without celery-dedup: no claim was taken. An
+        # idempotency key (until_expired) is then claimed here, at execution.
         opts = self._dedup_options({})
-        return _Plan(self._dedup_key(opts, args, kwargs), False, opts)
+        plan = _Plan(self._dedup_key(opts, args, kwargs), False, opts)
+        plan.claim_here = opts.lock == "until_expired"
+        return plan
 
     def _acquire(
         self, backend: Backend, plan: _Plan, task_id: str
@@ -340,6 +382,18 @@ class DedupTask(_TaskBase):
         if threading.current_thread() is not threading.main_thread():
             thread = threading.get_ident()
         member = leases.member(task_id, self.request.hostname, os.getpid(), thread)
+        if plan.duplicate_of is not None:
+            # Its publisher found the key claimed but could not stop the
+            # publish (a signal receiver cannot): it ends here, unrun. The
+            # publisher already logged and signalled it.
+            logger.debug(
+                "Dropped %s[%s], published as a duplicate of %s",
+                self.name,
+                task_id,
+                plan.duplicate_of,
+                extra={"dedup_key": plan.key, "task_id": task_id},
+            )
+            raise Ignore()
         asked_at = time.monotonic()
         try:
             outcome = backend.leases.acquire(
@@ -351,6 +405,7 @@ class DedupTask(_TaskBase):
                 # outlive a lease only to order acquisitions within one us.
                 max(backend.config.done_ttl, 3 * plan.lock_ttl),
                 release_claim=plan.lock in _RELEASE_AT_START,
+                claim_ttl=plan.ttl if plan.claim_here else 0,
             )
         except redis.RedisError as exc:
             if backend.config.on_redis_error == "raise":
@@ -359,6 +414,7 @@ class DedupTask(_TaskBase):
             self._redis_down(backend, "the execution lease", exc, plan.key, task_id)
             return None
         if outcome.status == leases.ACQUIRED:
+            plan.has_claim = plan.has_claim or outcome.took_claim
             return leases.Lease(
                 plan.key, names[0], member, outcome.token, plan.lock_ttl, asked_at
             )
@@ -381,6 +437,8 @@ class DedupTask(_TaskBase):
         rule = plan.on_conflict
         if plan.lock == "until_and_while_executing" and rule == "skip":
             rule = "reschedule"  # the one queued behind the running one must run
+        if outcome.status == leases.CLAIMED and rule == "reschedule":
+            rule = "skip"  # the idempotency key holds for its whole window
         if rule == "reschedule":
             self._reschedule(
                 _poll(plan, outcome), f"task {outcome.holder} holds the key"
@@ -471,6 +529,8 @@ class _Plan:
     """How one delivery runs: its key, whether it holds a claim, its options."""
 
     __slots__ = (
+        "claim_here",
+        "duplicate_of",
         "has_claim",
         "key",
         "lock",
@@ -483,6 +543,8 @@ class _Plan:
     def __init__(self, key: str, has_claim: bool, opts: TaskOptions) -> None:
         self.key = key
         self.has_claim = has_claim
+        self.claim_here = False
+        self.duplicate_of: str | None = None
         self.lock = opts.lock
         self.on_conflict = opts.on_conflict
         self.lock_ttl = opts.lock_ttl

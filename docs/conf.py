@@ -7,6 +7,12 @@ Build (as CI does, warnings are errors)::
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Document this checkout, not whichever celery-dedup happens to be installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import celery_dedup
 
 project = "celery-dedup"
@@ -28,7 +34,7 @@ exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 myst_enable_extensions = ["colon_fence"]
 myst_heading_anchors = 3
 
-# autodoc: the package is installed (editable), so it imports as is.
+# autodoc: the package is imported from this checkout (see the top).
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_typehints_description_target = "documented_params"

@@ -67,10 +67,11 @@ def workers(
         concurrency: int = 3,
         conf: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
+        app_module: str = APP_MODULE,
         **kwargs: Any,
     ) -> Worker:
         worker = Worker(
-            APP_MODULE,
+            app_module,
             queue,
             {
                 "DEDUP_TEST_REDIS_URL": redis_server.url(),

@@ -7,6 +7,7 @@ Both keep their process handles, so a test can stop, kill (SIGKILL), pause
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import shutil
@@ -222,3 +223,44 @@ def queue_length(client: redis.Redis, queue: str) -> int:
     """Messages waiting in a Redis-broker queue (all its priority lists)."""
     names = [queue, *client.scan_iter(match=f"{queue}\x06\x16*")]
     return sum(int(client.llen(name)) for name in names)
+
+
+class Beat:
+    """One ``celery beat`` process with its own schedule file."""
+
+    def __init__(self, app_module: str, env: dict[str, str], logdir: Path, name: str):
+        self.logfile = logdir / f"{name}.log"
+        self.command = [
+            sys.executable, "-m", "celery", "-A", app_module, "beat",
+            "--schedule", str(logdir / f"{name}-schedule"), "--max-interval", "1",
+            "--loglevel", "INFO", "--logfile", str(self.logfile),
+        ]  # fmt: skip
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Beat:
+        self.process = subprocess.Popen(
+            self.command,
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        return self
+
+    def ticks(self) -> list[float]:
+        """When it sent a due task (epoch seconds, from its log)."""
+        if not self.logfile.exists():
+            return []
+        return [
+            datetime.datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            for line in self.logfile.read_text().splitlines()
+            if "Sending due task" in line
+        ]
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(20)
+        self.process = None
