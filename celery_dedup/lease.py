@@ -179,7 +179,9 @@ class Lease:
         token: int,
         ttl: float,
         asked_at: float,
+        task_name: str | None = None,
     ) -> None:
+        self.task_name = task_name
         self.key = key
         self.redis_key = redis_key
         self.member = member
@@ -209,14 +211,19 @@ class Lease:
         if self._lost is None:
             self._lost = reason
             logger.info(
-                "Lease lost on %s by task %s: %s",
+                "Lease lost on %s by %s[%s]: %s",
                 self.key,
+                self.task_name,
                 self.task_id,
                 reason,
-                extra={"dedup_key": self.key, "task_id": self.task_id},
+                extra={
+                    "dedup_key": self.key,
+                    "task_id": self.task_id,
+                    "task_name": self.task_name,
+                },
             )
             signals.lease_lost.send(
-                sender=None, key=self.key, task_id=self.task_id, reason=reason
+                sender=self.task_name, key=self.key, task_id=self.task_id, reason=reason
             )
 
 

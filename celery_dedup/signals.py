@@ -23,6 +23,50 @@ task_deduplicated = Signal(
     providing_args=["key", "task_id", "existing_task_id", "stage"],
 )
 
+#: A body took its lease (sender: the task name). Arguments: ``key``,
+#: ``task_id``, ``token`` (its fencing token).
+lease_acquired = Signal(
+    name="lease_acquired", providing_args=["key", "task_id", "token"]
+)
+
 #: An execution lost its lease: renewal failed until it expired, or found
-#: another owner. Arguments: ``key``, ``task_id``, ``reason``.
+#: another owner (sender: the task name). Arguments: ``key``, ``task_id``,
+#: ``reason``.
 lease_lost = Signal(name="lease_lost", providing_args=["key", "task_id", "reason"])
+
+#: A body gave its lease back (sender: the task name). Arguments: ``key``,
+#: ``task_id``, ``held`` (False if the lease had been lost meanwhile),
+#: ``outcome`` ("success", "retry" or "failure").
+lease_released = Signal(
+    name="lease_released", providing_args=["key", "task_id", "held", "outcome"]
+)
+
+#: The relay published an outbox event (sender: the outbox table name).
+#: Arguments: ``event_id``, ``event_type``, ``aggregate_id``.
+outbox_published = Signal(
+    name="outbox_published", providing_args=["event_id", "event_type", "aggregate_id"]
+)
+
+#: A publish of an outbox event failed; it is retried later, or, with
+#: ``parked`` True, parked (sender: the outbox table name). Arguments:
+#: ``event_id``, ``event_type``, ``aggregate_id``, ``attempts``, ``parked``,
+#: ``error``.
+outbox_failed = Signal(
+    name="outbox_failed",
+    providing_args=[
+        "event_id",
+        "event_type",
+        "aggregate_id",
+        "attempts",
+        "parked",
+        "error",
+    ],
+)
+
+#: An outbox event was parked after too many failed publishes (sender: the
+#: outbox table name). Arguments: ``event_id``, ``event_type``,
+#: ``aggregate_id``, ``attempts``, ``error``.
+outbox_parked = Signal(
+    name="outbox_parked",
+    providing_args=["event_id", "event_type", "aggregate_id", "attempts", "error"],
+)

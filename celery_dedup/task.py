@@ -261,7 +261,7 @@ class DedupTask(_TaskBase):
                     "Redis unavailable: retry of %s[%s] published without a claim",
                     self.name,
                     task_id,
-                    extra={"dedup_key": key, "task_id": task_id},
+                    extra=_extra(self.name, key, task_id),
                 )
             else:
                 self._redis_down(backend, "the enqueue claim", exc, key, task_id)
@@ -278,7 +278,7 @@ class DedupTask(_TaskBase):
             self.name,
             task_id,
             operation,
-            extra={"dedup_key": key, "task_id": task_id},
+            extra=_extra(self.name, key, task_id),
         )
 
     def _deduplicated(self, key: str, opts: TaskOptions, holder: str) -> DedupResult:
@@ -301,7 +301,7 @@ class DedupTask(_TaskBase):
                 self.name,
                 task_id,
                 exc_info=True,
-                extra={"dedup_key": key, "task_id": task_id},
+                extra=_extra(self.name, key, task_id),
             )
             ttl = self._dedup_options({}).ttl
             backend.leases.later(release, time.monotonic() + ttl)
@@ -391,7 +391,7 @@ class DedupTask(_TaskBase):
                 self.name,
                 task_id,
                 plan.duplicate_of,
-                extra={"dedup_key": plan.key, "task_id": task_id},
+                extra=_extra(self.name, plan.key, task_id),
             )
             raise Ignore()
         asked_at = time.monotonic()
@@ -410,14 +410,34 @@ class DedupTask(_TaskBase):
         except redis.RedisError as exc:
             if backend.config.on_redis_error == "raise":
                 # Not lost and not run unguarded: again later, when Redis is back.
-                self._reschedule(min(plan.lock_ttl, 5.0), f"Redis unavailable: {exc!r}")
+                self._reschedule(
+                    plan.key, min(plan.lock_ttl, 5.0), f"Redis unavailable: {exc!r}"
+                )
             self._redis_down(backend, "the execution lease", exc, plan.key, task_id)
             return None
         if outcome.status == leases.ACQUIRED:
             plan.has_claim = plan.has_claim or outcome.took_claim
-            return leases.Lease(
-                plan.key, names[0], member, outcome.token, plan.lock_ttl, asked_at
+            lease = leases.Lease(
+                plan.key,
+                names[0],
+                member,
+                outcome.token,
+                plan.lock_ttl,
+                asked_at,
+                self.name,
             )
+            logger.debug(
+                "Lease on %s taken by %s[%s], fence %s",
+                plan.key,
+                self.name,
+                task_id,
+                outcome.token,
+                extra=_extra(self.name, plan.key, task_id),
+            )
+            signals.lease_acquired.send(
+                sender=self.name, key=plan.key, task_id=task_id, token=outcome.token
+            )
+            return lease
         if outcome.status == leases.DONE:
             # A copy of a task that already succeeded: ack it, run nothing.
             _log_duplicate(self.name, plan.key, task_id, task_id, "execution")
@@ -427,7 +447,9 @@ class DedupTask(_TaskBase):
         if outcome.status == leases.SAME_TASK:
             # Another delivery of this very task runs: it may die, and then this
             # copy is the only one left. Never drop it.
-            self._reschedule(_poll(plan, outcome), "another delivery of it runs")
+            self._reschedule(
+                plan.key, _poll(plan, outcome), "another delivery of it runs"
+            )
         return self._conflict(backend, plan, task_id, outcome)
 
     def _conflict(
@@ -441,7 +463,7 @@ class DedupTask(_TaskBase):
             rule = "skip"  # the idempotency key holds for its whole window
         if rule == "reschedule":
             self._reschedule(
-                _poll(plan, outcome), f"task {outcome.holder} holds the key"
+                plan.key, _poll(plan, outcome), f"task {outcome.holder} holds the key"
             )
         _log_duplicate(self.name, plan.key, task_id, outcome.holder, "execution")
         if plan.has_claim:
@@ -450,7 +472,7 @@ class DedupTask(_TaskBase):
             raise DuplicateTaskError(plan.key, outcome.holder, self.name)
         raise Ignore()
 
-    def _reschedule(self, countdown: float, why: str) -> None:
+    def _reschedule(self, key: str, countdown: float, why: str) -> None:
         """Publish this message again after ``countdown`` s; end this delivery.
 
         Not a retry: it does not count against ``max_retries``. The countdown
@@ -465,10 +487,7 @@ class DedupTask(_TaskBase):
             request.id,
             countdown,
             why,
-            extra={
-                "task_id": request.id,
-                "dedup_key": getattr(request, "dedup_key", None),
-            },
+            extra=_extra(self.name, key, request.id),
         )
         try:
             self.signature_from_request(
@@ -511,18 +530,30 @@ class DedupTask(_TaskBase):
             )
 
         try:
-            release()
+            held = bool(release())
         except redis.RedisError:
             logger.warning(
                 "Could not release the lease of %s[%s]; retrying in the background",
                 self.name,
                 task_id,
                 exc_info=True,
-                extra={"dedup_key": plan.key, "task_id": task_id},
+                extra=_extra(self.name, plan.key, task_id),
             )
             # Until the claim would expire: nothing stays held once Redis is back.
             ttl = max(plan.lock_ttl, plan.ttl if free_claim else 0)
             backend.leases.later(release, time.monotonic() + ttl)
+            return
+        logger.debug(
+            "Lease on %s released by %s[%s] (%s)",
+            plan.key,
+            self.name,
+            task_id,
+            ended,
+            extra=_extra(self.name, plan.key, task_id),
+        )
+        signals.lease_released.send(
+            sender=self.name, key=plan.key, task_id=task_id, held=held, outcome=ended
+        )
 
 
 class _Plan:
@@ -571,6 +602,11 @@ def _overrides(stamp: Mapping[str, Any]) -> dict[str, Any]:
     return call
 
 
+def _extra(task_name: str, key: str | None, task_id: str | None) -> dict[str, Any]:
+    """The ``extra`` fields of every log line about a decision."""
+    return {"task_name": task_name, "dedup_key": key, "task_id": task_id}
+
+
 def _log_duplicate(
     name: str, key: str, task_id: str | None, holder: str | None, stage: str
 ) -> None:
@@ -580,7 +616,7 @@ def _log_duplicate(
         stage,
         key,
         holder,
-        extra={"dedup_key": key, "task_id": task_id, "stage": stage},
+        extra={**_extra(name, key, task_id), "stage": stage},
     )
     signals.task_deduplicated.send(
         sender=name, key=key, task_id=task_id, existing_task_id=holder, stage=stage

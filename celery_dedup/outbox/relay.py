@@ -25,6 +25,7 @@ from kombu.exceptions import OperationalError as BrokerUnavailable
 from sqlalchemy import delete, select, update
 from sqlalchemy.engine import Connection, Engine
 
+from .. import signals
 from ..config import get_config
 from ..exceptions import ConfigurationError
 from . import dialects
@@ -247,6 +248,12 @@ class Relay:
                 blocked.add(row.aggregate_id)
             else:
                 published.append(row.id)
+                signals.outbox_published.send(
+                    sender=self.outbox.table_name,
+                    event_id=row.event_id,
+                    event_type=row.event_type,
+                    aggregate_id=row.aggregate_id,
+                )
         self._finish(token, published, failures, released, counts)
 
     def _publish(self, row: Claimed) -> None:
@@ -326,6 +333,7 @@ class Relay:
                 counts.parked += int(parked)
                 counts.failed += int(not parked)
                 _log_failure(row, attempts, parked, delay, exc)
+                _signal_failure(table.name, row, attempts, parked, exc)
             if released:
                 conn.execute(
                     update(table)
@@ -348,6 +356,21 @@ def _short_transaction(engine: Engine) -> Iterator[Connection]:
         conn = plain.execution_options(**dialects.read_committed(plain.dialect))
         with conn.begin():
             yield conn
+
+
+def _signal_failure(
+    sender: str, row: Claimed, attempts: int, parked: bool, exc: BaseException
+) -> None:
+    event = {
+        "event_id": row.event_id,
+        "event_type": row.event_type,
+        "aggregate_id": row.aggregate_id,
+        "attempts": attempts,
+        "error": repr(exc)[:_MAX_ERROR],
+    }
+    signals.outbox_failed.send(sender=sender, parked=parked, **event)
+    if parked:
+        signals.outbox_parked.send(sender=sender, **event)
 
 
 def _log_failure(

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from celery import current_task
-from sqlalchemy import MetaData, Table, select, update
+from sqlalchemy import MetaData, Table, func, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from ..config import get_config
@@ -174,6 +174,13 @@ class Outbox:
                 extra={"event_type": event_type, "aggregate_id": aggregate_id},
             )
         return created
+
+    def count_state(self, state: str) -> int:
+        """How many events are in ``state`` (pending, published or parked)."""
+        c = self.table.c
+        stmt = select(func.count()).select_from(self.table).where(c.state == state)
+        with self.engine.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
 
     def requeue_parked(
         self, session_or_connection: Executor, event_ids: list[str] | None = None

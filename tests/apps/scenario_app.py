@@ -62,6 +62,16 @@ def _delivered(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     )
 
 
+@signals.lease_acquired.connect
+def _acquired(sender: Any = None, signal: Any = None, **kwargs: Any) -> None:
+    _recorder["client"].rpush("signals", json.dumps(["lease_acquired", sender, kwargs]))
+
+
+@signals.lease_released.connect
+def _released(sender: Any = None, signal: Any = None, **kwargs: Any) -> None:
+    _recorder["client"].rpush("signals", json.dumps(["lease_released", sender, kwargs]))
+
+
 @signals.lease_lost.connect
 def _lost(
     key: str = "", task_id: str | None = None, reason: str = "", **_: Any

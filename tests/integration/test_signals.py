@@ -38,3 +38,32 @@ def test_task_deduplicated_at_enqueue(
             "stage": "enqueue",
         }
     ]
+
+
+def test_lease_acquired_and_released_once_per_execution(
+    scenario_app: Any,
+    workers: Any,
+    recorder: Any,
+    queue: str,
+) -> None:
+    import json
+
+    workers(concurrency=1)
+    task = scenario_app.close_campaign
+    result = task.apply_async((42, 0.05), queue=queue)
+    assert result.get(timeout=20) == 42
+    seen = [json.loads(item) for item in recorder.client.lrange("signals", 0, -1)]
+    key = task.dedup_key_for((42, 0.05))
+    (run,) = recorder.runs("close_campaign")
+    assert seen == [
+        [
+            "lease_acquired",
+            task.name,
+            {"key": key, "task_id": result.id, "token": run["fence"]},
+        ],
+        [
+            "lease_released",
+            task.name,
+            {"key": key, "task_id": result.id, "held": True, "outcome": "success"},
+        ],
+    ]
