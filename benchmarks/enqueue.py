@@ -12,49 +12,15 @@ ratio, and a redis-py round trip (PING) for scale.
 from __future__ import annotations
 
 import argparse
-import shutil
-import socket
 import statistics
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 
 import redis
 from celery import Celery
+from common import private_redis
 
 from celery_dedup import DedupTask
-
-
-def _private_redis() -> tuple[str, Callable[[], None]]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server not found: run scripts/bootstrap")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    workdir = tempfile.mkdtemp()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    client.close()
-
-    def stop() -> None:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
-
-    return url, stop
 
 
 def per_call_us(call: Callable[[int], object], n: int) -> float:
@@ -73,7 +39,7 @@ def main() -> None:
     stop = None
     url = options.redis_url
     if url is None:
-        url, stop = _private_redis()
+        url, stop = private_redis()
     try:
         app = Celery("bench", broker=url, set_as_current=False)
         app.conf.update(task_default_queue="bench-enqueue", dedup_ttl=600)

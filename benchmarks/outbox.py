@@ -21,18 +21,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import socket
 import statistics
-import subprocess
-import tempfile
 import time
 import uuid
-from collections.abc import Callable
 
 import kombu
 import redis
 import sqlalchemy as sa
+from common import private_redis
 
 from celery_dedup.outbox import Outbox, Relay
 from celery_dedup.outbox.table import utcnow
@@ -40,37 +36,6 @@ from celery_dedup.outbox.table import utcnow
 POSTGRES_URL = os.environ.get(
     "DEDUP_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 )
-
-
-def _private_redis() -> tuple[str, Callable[[], None]]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server not found: run scripts/bootstrap")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    workdir = tempfile.mkdtemp()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    client.close()
-
-    def stop() -> None:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
-
-    return url, stop
 
 
 def _fresh_outbox(url: str) -> Outbox:
@@ -234,7 +199,7 @@ def main() -> None:
     stop = None
     broker = options.redis_url
     if broker is None:
-        broker, stop = _private_redis()
+        broker, stop = private_redis()
     try:
         bench_add(options.postgres_url, options.calls, options.rounds)
         if options.mysql_url:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,32 +25,10 @@ from pathlib import Path
 # benchmarks.throughput_app.
 import redis
 import throughput_app
+from common import private_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 QUEUE = "bench-throughput"
-
-
-def start_redis(workdir: str) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server not found: run scripts/bootstrap")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    return proc, url
 
 
 def commands(client: redis.Redis) -> dict[str, int]:
@@ -101,7 +78,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     options = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="bench-throughput-")
-    server, url = start_redis(workdir)
+    url, stop_redis = private_redis()
     rates: dict[str, list[float]] = {"plain": [], "dedup": []}
     stats: dict[str, list[dict[str, int]]] = {"plain": [], "dedup": []}
     try:
@@ -112,8 +89,7 @@ def main() -> None:
                 stats[kind].append(counted)
                 print(f"  {kind:<6} {rate:8.1f} tasks/s", flush=True)
     finally:
-        server.terminate()
-        server.wait(10)
+        stop_redis()
         shutil.rmtree(workdir, ignore_errors=True)
     plain, dedup = (statistics.median(rates[k]) for k in ("plain", "dedup"))
     n = options.tasks
