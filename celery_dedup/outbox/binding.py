@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy
 import sqlalchemy.future
-from sqlalchemy import Table, event, exc
+from sqlalchemy import MetaData, Table, event, exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, scoped_session
 
@@ -45,6 +45,48 @@ def check_name(argument: str, value: Any) -> str:
     if len(value) > MAX_NAME:
         raise ConfigurationError(argument, f"at most {MAX_NAME} characters")
     return value
+
+
+class TableOwner:
+    """What ``Outbox`` and ``Inbox`` share: an engine (theirs to dispose if
+    they made it from a URL), a ``MetaData`` and the tables they create."""
+
+    #: The tables :meth:`create_all` creates; set by the subclass.
+    tables: tuple[Table, ...] = ()
+
+    def __init__(
+        self,
+        engine_or_url: Engine | str | None,
+        metadata: MetaData | None,
+        engine_options: Mapping[str, Any] | None,
+    ) -> None:
+        if metadata is not None and not isinstance(metadata, MetaData):
+            raise ConfigurationError("metadata", f"expected MetaData, got {metadata!r}")
+        self._engine = make_engine(engine_or_url, engine_options)
+        self._owns_engine = isinstance(engine_or_url, str)
+        self.metadata = metadata if metadata is not None else MetaData()
+
+    @property
+    def engine(self) -> Engine:
+        """The engine given or made from the URL (needed to create tables)."""
+        if self._engine is None:
+            name = type(self).__name__
+            raise OutboxError(f"this {name} has no engine: pass {name}(engine_or_url)")
+        return self._engine
+
+    def create_all(self) -> None:
+        """Create the tables if missing (tests and demos; use Alembic in
+        production, with ``metadata``)."""
+        self.metadata.create_all(self.engine, tables=list(self.tables))
+
+    def drop_all(self) -> None:
+        """Drop the tables."""
+        self.metadata.drop_all(self.engine, tables=list(self.tables))
+
+    def close(self) -> None:
+        """Close the pooled connections of an engine made from a URL."""
+        if self._owns_engine and self._engine is not None:
+            self._engine.dispose()
 
 
 def make_engine(

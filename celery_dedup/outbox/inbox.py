@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import MetaData, Table, delete
 from sqlalchemy.engine import Engine
 
-from ..exceptions import ConfigurationError, OutboxError
+from ..exceptions import ConfigurationError
 from . import dialects
-from .binding import check_name, check_table_name, make_engine, transaction_connection
+from .binding import TableOwner, check_name, check_table_name, transaction_connection
 from .table import inbox_table, utcnow
 
 if TYPE_CHECKING:
     from .binding import Executor
 
 
-class Inbox:
+class Inbox(TableOwner):
     """Event ids a consumer has processed, in the consumer's own database.
 
     ``consumer`` names the consumer, so several can share one table and each
@@ -47,33 +47,10 @@ class Inbox:
         engine_options: Mapping[str, Any] | None = None,
     ) -> None:
         check_table_name(table_name)
-        if metadata is not None and not isinstance(metadata, MetaData):
-            raise ConfigurationError("metadata", f"expected MetaData, got {metadata!r}")
         self.consumer = check_name("consumer", consumer)
-        self._engine = make_engine(engine_or_url, engine_options)
-        self._owns_engine = isinstance(engine_or_url, str)
-        self.metadata = metadata if metadata is not None else MetaData()
+        super().__init__(engine_or_url, metadata, engine_options)
         self.table: Table = inbox_table(self.metadata, table_name)
-
-    @property
-    def engine(self) -> Engine:
-        """The engine of :meth:`create_all`."""
-        if self._engine is None:
-            raise OutboxError("this Inbox has no engine: pass Inbox(engine_or_url)")
-        return self._engine
-
-    def create_all(self) -> None:
-        """Create the inbox table if missing."""
-        self.metadata.create_all(self.engine, tables=[self.table])
-
-    def drop_all(self) -> None:
-        """Drop the inbox table."""
-        self.metadata.drop_all(self.engine, tables=[self.table])
-
-    def close(self) -> None:
-        """Close the pooled connections of an engine this inbox created."""
-        if self._owns_engine and self._engine is not None:
-            self._engine.dispose()
+        self.tables = (self.table,)
 
     def first_time(self, session_or_connection: Executor, event_id: str) -> bool:
         """Record ``event_id``; True the first time, False if already recorded.

@@ -14,10 +14,10 @@ from sqlalchemy import MetaData, Table, func, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from ..config import get_config
-from ..exceptions import ConfigurationError, LockLostError, OutboxError
+from ..exceptions import ConfigurationError, LockLostError
 from ..task import current_fence
 from . import dialects
-from .binding import check_name, check_table_name, make_engine, transaction_connection
+from .binding import TableOwner, check_name, check_table_name, transaction_connection
 from .table import MAX_NAME, PARKED, PENDING, fence_table, outbox_table
 from .table import utcnow as _utcnow
 
@@ -41,7 +41,7 @@ def event_id(event_type: str, aggregate_id: str) -> str:
     return str(uuid.uuid5(EVENT_NAMESPACE, json.dumps([event_type, aggregate_id])))
 
 
-class Outbox:
+class Outbox(TableOwner):
     """Events written in the caller's transaction, published later by a relay.
 
     ``engine_or_url`` is the database the relay and :meth:`create_all` use
@@ -60,13 +60,10 @@ class Outbox:
         engine_options: Mapping[str, Any] | None = None,
     ) -> None:
         check_table_name(table_name)
-        if metadata is not None and not isinstance(metadata, MetaData):
-            raise ConfigurationError("metadata", f"expected MetaData, got {metadata!r}")
-        self._engine = make_engine(engine_or_url, engine_options)
-        self._owns_engine = isinstance(engine_or_url, str)
-        self.metadata = metadata if metadata is not None else MetaData()
+        super().__init__(engine_or_url, metadata, engine_options)
         self.table: Table = outbox_table(self.metadata, table_name)
         self.fence_table: Table = fence_table(self.metadata, f"{table_name}_fence")
+        self.tables = (self.table, self.fence_table)
 
     @classmethod
     def from_app(cls, app: Celery) -> Outbox:
@@ -88,31 +85,8 @@ class Outbox:
         return outbox
 
     @property
-    def engine(self) -> Engine:
-        """The engine of the relay and :meth:`create_all`."""
-        if self._engine is None:
-            raise OutboxError(
-                "this Outbox has no engine: pass Outbox(engine_or_url, ...) to "
-                "create tables or run a relay"
-            )
-        return self._engine
-
-    @property
     def table_name(self) -> str:
         return self.table.name
-
-    def create_all(self) -> None:
-        """Create the outbox and fence tables if missing (tests and demos)."""
-        self.metadata.create_all(self.engine, tables=[self.table, self.fence_table])
-
-    def drop_all(self) -> None:
-        """Drop the outbox and fence tables."""
-        self.metadata.drop_all(self.engine, tables=[self.table, self.fence_table])
-
-    def close(self) -> None:
-        """Close the pooled connections of an engine this outbox created."""
-        if self._owns_engine and self._engine is not None:
-            self._engine.dispose()
 
     def event_id(self, event_type: str, aggregate_id: str) -> str:
         """The event id (and message id) of ``(event_type, aggregate_id)``."""
