@@ -264,3 +264,17 @@ class Beat:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(20)
         self.process = None
+
+
+#: What ``held`` answers for a key nobody holds.
+FREE = {"claim": None, "lease": 0}
+
+
+def held(client: redis.Redis, task: Any, args: tuple[Any, ...]) -> dict[str, object]:
+    """The claim holder and the number of lease holders of ``task(*args)``'s
+    key, in the Redis of ``client`` (default key prefix)."""
+    key = task.dedup_key_for(args)
+    return {
+        "claim": client.get(f"dedup:{{{key}}}:claim"),
+        "lease": client.zcard(f"dedup:{{{key}}}:lease"),
+    }

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from celery_dedup import LockLostError
-from tests.rig import Recorder, RedisServer, Worker, max_overlap, wait_for
+from tests.rig import FREE, Recorder, RedisServer, Worker, held, max_overlap, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -68,18 +68,6 @@ def test_fence_tokens_increase_from_run_to_run(
     assert len(fences) == 3
     assert all(isinstance(f, int) for f in fences)
     assert fences == sorted(set(fences))
-
-
-FREE = {"claim": None, "lease": 0}
-
-
-def held(client: redis.Redis, task: Any, args: tuple[Any, ...]) -> dict[str, object]:
-    """The claim holder and the lease holders of ``task(*args)``'s key."""
-    key = task.dedup_key_for(args)
-    return {
-        "claim": client.get(f"dedup:{{{key}}}:claim"),
-        "lease": client.zcard(f"dedup:{{{key}}}:lease"),
-    }
 
 
 @pytest.fixture

@@ -12,22 +12,9 @@ import redis
 
 from celery_dedup import DuplicateTaskError
 from celery_dedup.connection import get_backend
-from tests.rig import Recorder, Worker, max_overlap, wait_for
+from tests.rig import FREE, Recorder, Worker, held, max_overlap, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def held(app: Any, task: Any, args: tuple[Any, ...]) -> dict[str, object]:
-    """What Redis holds for the key of ``task(*args)``: claim and lease."""
-    backend = get_backend(app)
-    key = task.dedup_key_for(args)
-    return {
-        "claim": backend.redis.get(backend.key(key, "claim")),
-        "lease": backend.redis.zcard(backend.key(key, "lease")),
-    }
-
-
-FREE = {"claim": None, "lease": 0}
 
 
 @pytest.mark.parametrize("how", ["soft", "hard", "reject", "ignore"])
@@ -43,7 +30,11 @@ def test_the_key_is_free_after_the_body_ends(
     result = task.apply_async((how,), queue=queue, dedup_lock_ttl=30)
     wait_for(lambda: recorder.started("ending"), 20, "the body to start")
     # well before the 30 s lease or the 3600 s claim would expire
-    wait_for(lambda: held(scenario_app.app, task, (how,)) == FREE, 10, "release")
+    wait_for(
+        lambda: held(get_backend(scenario_app.app).redis, task, (how,)) == FREE,
+        10,
+        "release",
+    )
     again = task.apply_async((how,), queue=queue, dedup_lock_ttl=30)
     assert not again.deduplicated
     assert again.id != result.id
@@ -63,7 +54,7 @@ def test_a_warm_shutdown_lets_the_body_finish_and_release(
     worker.process.send_signal(signal.SIGTERM)  # warm shutdown
     worker.process.wait(30)
     assert result.get(timeout=5) == 30
-    assert held(scenario_app.app, task, (30, 2.0)) == FREE
+    assert held(get_backend(scenario_app.app).redis, task, (30, 2.0)) == FREE
 
 
 def test_raise_at_execution_fails_the_second_body(
@@ -110,7 +101,7 @@ def test_other_pools_keep_one_body_per_key(
     fences = [r["fence"] for r in sorted(runs, key=lambda r: r["start"])]
     assert fences == sorted(set(fences))
     time.sleep(0.2)
-    assert held(scenario_app.app, task, (32, 0.5)) == FREE
+    assert held(get_backend(scenario_app.app).redis, task, (32, 0.5)) == FREE
 
 
 def test_terminating_a_running_task_frees_its_key(
@@ -124,7 +115,11 @@ def test_terminating_a_running_task_frees_its_key(
     result = task.apply_async((33, 30.0), queue=queue, dedup_lock_ttl=60)
     wait_for(lambda: recorder.started("close_campaign"), 20, "the body to start")
     scenario_app.app.control.revoke(result.id, terminate=True, signal="SIGKILL")
-    wait_for(lambda: held(scenario_app.app, task, (33, 30.0)) == FREE, 10, "release")
+    wait_for(
+        lambda: held(get_backend(scenario_app.app).redis, task, (33, 30.0)) == FREE,
+        10,
+        "release",
+    )
     assert result.state == "REVOKED"
 
 
@@ -141,4 +136,4 @@ def test_a_task_id_that_already_succeeded_is_not_published_again(
     again = task.apply_async((34, 0.01), queue=queue, task_id="order-34")
     assert again.deduplicated
     assert again.get(timeout=5) == 34  # the existing result
-    assert held(scenario_app.app, task, (34, 0.01)) == FREE
+    assert held(get_backend(scenario_app.app).redis, task, (34, 0.01)) == FREE
