@@ -132,7 +132,8 @@ class Worker:
             "--without-mingle", "--without-gossip", "--without-heartbeat",
             "--loglevel", "INFO", "--logfile", str(self.logfile), *extra,
         ]  # fmt: skip
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+        # TMPDIR: billiard's pymp-* folders of a SIGKILLed pool go with the test's
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(logdir), **env}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, ready_timeout: float = 30) -> Worker:
