@@ -14,8 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -60,6 +61,31 @@ def wait_for(check: Callable[[], object], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def _interrupts_after() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them.
+
+    A Ctrl-C between a child's fork and its registration would leave a
+    process that no ``finally`` knows to kill.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, _: object) -> None:
+        held.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
 class Processes:
     """Every process the demo started, each the leader of its own group."""
 
@@ -85,7 +111,7 @@ class Processes:
     ) -> subprocess.Popen[bytes]:
         """Start ``argv`` in the demo folder, in a new session; its stderr goes
         to ``<name>.stderr`` there (see :meth:`stderr`)."""
-        with open(self.workdir / f"{name}.stderr", "wb") as stderr:
+        with open(self.workdir / f"{name}.stderr", "wb") as stderr, _interrupts_after():
             process = subprocess.Popen(
                 list(argv),
                 cwd=self.workdir,
@@ -95,7 +121,7 @@ class Processes:
                 stderr=stderr,
                 start_new_session=True,
             )
-        self.started.append(process)
+            self.started.append(process)  # before any Ctrl-C: never untracked
         return process
 
     def stderr(self, name: str) -> str:
