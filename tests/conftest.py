@@ -68,11 +68,12 @@ def workers(
         conf: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         app_module: str = APP_MODULE,
+        queue_name: str | None = None,
         **kwargs: Any,
     ) -> Worker:
         worker = Worker(
             app_module,
-            queue,
+            queue_name or queue,
             {
                 "DEDUP_TEST_REDIS_URL": redis_server.url(),
                 "DEDUP_TEST_QUEUE": queue,

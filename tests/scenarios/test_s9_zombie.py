@@ -64,8 +64,11 @@ def test_the_zombie_cannot_commit(
     queue: str,
     tmp_path: Path,
 ) -> None:
+    # One worker for the zombie, and one on a queue of its own for the second
+    # execution, which must not wait behind the stopped process.
+    other_queue = f"{queue}-second"
     workers(concurrency=1, conf=outbox_conf)
-    workers(concurrency=1, conf=outbox_conf)
+    workers(concurrency=1, conf=outbox_conf, queue_name=other_queue)
     task = scenario_app.find_winners
     options = {"dedup_lock": "while_executing", "dedup_lock_ttl": 2}
     # Given a body that is paused before it writes, past its 2 s lease
@@ -76,7 +79,7 @@ def test_the_zombie_cannot_commit(
     try:
         time.sleep(3)
         # When another execution of the key runs and commits meanwhile
-        second = task.apply_async((9, 0.1), queue=queue, **options)
+        second = task.apply_async((9, 0.1), queue=other_queue, **options)
         assert second.get(timeout=30) is True
         assert counts(outbox_conf) == (1, 1)
     finally:
