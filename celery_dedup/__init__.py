@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from . import checks as _checks  # noqa: F401  (connects the start-up checks)
 from .exceptions import (
     BackendUnavailableError,
     ConfigurationError,
@@ -10,10 +9,10 @@ from .exceptions import (
     DuplicateTaskError,
     LockLostError,
 )
-from .hooks import install
-from .outbox import worker as _outbox_worker  # noqa: F401  (the in-worker relay)
+from .hooks import install, uninstall
 from .periodic import once_per_period, per_period
 from .task import DedupResult, DedupTask, current_fence
+from .wiring import connect
 
 __version__ = "0.1.0.dev0"
 
@@ -26,8 +25,10 @@ __all__ = [
     "DuplicateTaskError",
     "LockLostError",
     "__version__",
+    "connect",
     "current_fence",
     "install",
     "once_per_period",
     "per_period",
+    "uninstall",
 ]

@@ -5,11 +5,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from celery.signals import worker_init
-
 from .config import get_config, visibility_timeout
 from .exceptions import ConfigurationError
-from .task import DedupTask
+from .execution import is_dedup_task
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -35,9 +33,9 @@ def problems(app: Celery) -> list[str]:
                 "its task succeeded may run again"
             )
     for task in app.tasks.values():
-        if not isinstance(task, DedupTask) or not task._dedup_on():
+        if not is_dedup_task(task) or not task.dedup_opted_in():
             continue
-        opts = task._dedup_options({})
+        opts = task.dedup_options()
         limit = task.time_limit or app.conf.task_time_limit
         if opts.lock == "until_executed" and limit and opts.ttl < limit:
             found.append(
@@ -48,9 +46,8 @@ def problems(app: Celery) -> list[str]:
     return found
 
 
-@worker_init.connect(weak=False)
-def _check_at_start(sender: Any = None, **_: Any) -> None:
-    """Stop a worker whose settings are bad; warn about risky ones."""
+def check_at_start(sender: Any = None, **_: Any) -> None:
+    """``worker_init``: stop a worker whose settings are bad; warn about risky ones."""
     app = getattr(sender, "app", None)
     if app is None:
         return

@@ -14,19 +14,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from .exceptions import ConfigurationError
+from .model import Lock, OnConflict, OnRedisError
 
 if TYPE_CHECKING:
     from celery import Celery
 
-LOCK_MODES: Final = (
-    "until_executed",
-    "until_executing",
-    "while_executing",
-    "until_and_while_executing",
-    "until_expired",
-)
-CONFLICT_RULES: Final = ("skip", "raise", "reschedule")
-REDIS_ERROR_RULES: Final = ("raise", "proceed")
+LOCK_MODES: Final = tuple(Lock)
+CONFLICT_RULES: Final = tuple(OnConflict)
+REDIS_ERROR_RULES: Final = tuple(OnRedisError)
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -41,12 +36,14 @@ def _positive_number(setting: str, value: Any) -> float:
     return float(value)
 
 
-def _choice(setting: str, value: Any, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ConfigurationError(
-            setting, f"expected one of {', '.join(choices)}; got {value!r}"
-        )
-    return str(value)
+def _choice(setting: str, value: Any, choices: Sequence[Any]) -> Any:
+    """The member of ``choices`` (a StrEnum's) that ``value`` spells."""
+    for choice in choices:
+        if value == choice.value:
+            return choice
+    raise ConfigurationError(
+        setting, f"expected one of {', '.join(choices)}; got {value!r}"
+    )
 
 
 def _bool(setting: str, value: Any) -> bool:
@@ -159,13 +156,13 @@ class DedupConfig:
     enabled: bool = True
     redis_url: str | None = None
     key_prefix: str = "dedup"
-    lock: str = "until_executed"
-    on_conflict: str = "skip"
+    lock: Lock = Lock.UNTIL_EXECUTED
+    on_conflict: OnConflict = OnConflict.SKIP
     ttl: float = 3600.0
     lock_ttl: float = 60.0
     done_ttl: float = 7200.0
     tasks: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
-    on_redis_error: str = "raise"
+    on_redis_error: OnRedisError = OnRedisError.RAISE
     outbox_url: str | None = None
     outbox_table: str = "celery_dedup_outbox"
     outbox_exchange: str = "celery_dedup.events"
@@ -237,8 +234,8 @@ class TaskOptions:
     """The options in force for one call of one task."""
 
     key: Any
-    lock: str
-    on_conflict: str
+    lock: Lock
+    on_conflict: OnConflict
     ttl: float
     lock_ttl: float
     max_running: int

@@ -11,12 +11,12 @@ import weakref
 from typing import TYPE_CHECKING
 
 import redis
+from redis import Redis
 
-from .claim import Claims
 from .config import DedupConfig, forget, get_config
 from .exceptions import ConfigurationError
-from .keys import redis_key
-from .lease import Leases
+from .lease import Heartbeat, Lease
+from .store import Store
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -26,16 +26,18 @@ _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """What one app needs to talk to Redis: settings, client and scripts."""
+    """What one app needs to talk to Redis: settings, client, scripts, and the
+    process's heartbeat."""
 
     config: DedupConfig
     redis: redis.Redis
-    claims: Claims
-    leases: Leases
+    store: Store
+    heartbeat: Heartbeat
+    heartbeat_redis: Redis
 
-    def key(self, key: str, part: str) -> str:
-        """The Redis key of ``part`` of dedup key ``key``."""
-        return redis_key(self.config.key_prefix, key, part)
+    def close(self) -> None:
+        self.redis.close()
+        self.heartbeat_redis.close()
 
 
 _backends: weakref.WeakKeyDictionary[Celery, Backend] = weakref.WeakKeyDictionary()
@@ -75,9 +77,19 @@ def get_backend(app: Celery) -> Backend:
         heartbeat = redis.Redis.from_url(
             url, socket_timeout=1, socket_connect_timeout=1
         )
-        backend = Backend(config, client, Claims(client), Leases(client, heartbeat))
+        store = Store(client, config.key_prefix)
+
+        def renew(lease: Lease) -> bool:
+            return store.renew(lease.key, lease.member, lease.ttl, client=heartbeat)
+
+        backend = Backend(config, client, store, Heartbeat(renew), heartbeat)
         _backends[app] = backend
         return backend
+
+
+def live_backends() -> list[Backend]:
+    """The backends this process has built (to flush their work at exit)."""
+    return list(_backends.values())
 
 
 def reset(app: Celery) -> None:
@@ -85,5 +97,4 @@ def reset(app: Celery) -> None:
     forget(app)
     backend = _backends.pop(app, None)
     if backend is not None:
-        backend.redis.close()
-        backend.leases.close()
+        backend.close()

@@ -1,11 +1,8 @@
 """What the dedup keys in Redis hold, for ``celery dedup status | inspect | release``.
 
-Every part of one dedup key lives under ``<prefix>:{<key>}:<part>`` (see
-:func:`celery_dedup.keys.redis_key`): ``claim`` (the holder's task id),
-``lease`` (a sorted set of holders scored by expiry, ms of Redis time),
-``fence`` (the last fencing token) and ``done:<task id>`` (completion memory).
-Keys are found with ``SCAN``, never ``KEYS``; each key is read in one script,
-so its parts and the Redis clock are one snapshot.
+The layout of the keys and the scripts that read and release them belong to
+:mod:`celery_dedup.store`. Keys are found with ``SCAN``, never ``KEYS``; each
+key is read in one script, so its parts and the Redis clock are one snapshot.
 
 Redis records neither the task name nor the lock mode of a key: they come
 from the workers (:func:`tasks_from_workers`) and the result backend, and are
@@ -27,49 +24,10 @@ from typing import Any, Final
 import redis
 
 from .lease import task_of
+from .store import DONE_PART, HELD_PARTS, Layout, Store
 
 #: A dedup key as ``status`` shows it: the 32 hex digits of :func:`keys.digest`.
 KEY_PATTERN: Final = re.compile(r"^[0-9a-f]{32}$")
-HELD_PARTS: Final = frozenset({"claim", "lease"})
-DONE_PART: Final = "done:"
-
-# KEYS[1] - the claim
-# KEYS[2] - the lease set
-# KEYS[3] - the fencing counter
-# Returns {now (ms of Redis time), claim holder or false, claim PTTL (ms),
-# {member, expiry, member, expiry, ...} (by expiry), fence or false}.
-READ: Final = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-return {now, redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1]),
-        redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES'),
-        redis.call('GET', KEYS[3])}
-"""
-
-# KEYS[1] - the claim
-# KEYS[2] - the lease set
-# ARGV[1] - "1": delete whatever they hold; "0": only if they are as read:
-# ARGV[2] - the claim holder read ("" for none)
-# ARGV[3..] - the lease set read: member, expiry, member, expiry, ... as READ
-#             returned them
-# Returns {1, claim holder or false, {member, expiry, ...}} when it deleted
-# them, {0, claim holder or false, {...}} when they changed (nothing deleted).
-# The fencing counter is never touched: tokens must never go back.
-RELEASE: Final = """
-local claim = redis.call('GET', KEYS[1])
-local members = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-if ARGV[1] ~= '1' then
-  local same = (claim or '') == ARGV[2] and #members == #ARGV - 2
-  for i = 1, #members do
-    same = same and members[i] == ARGV[i + 2]
-  end
-  if not same then
-    return {0, claim, members}
-  end
-end
-redis.call('DEL', KEYS[1], KEYS[2])
-return {1, claim, members}
-"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,26 +145,13 @@ class TaskInfo:
 # -- finding keys ---------------------------------------------------------------
 
 
-def glob_escape(text: str) -> str:
-    """``text`` as a literal in a Redis ``MATCH`` pattern."""
-    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
-
-
-def parse_redis_key(prefix: str, name: str | bytes) -> tuple[str, str] | None:
-    """``(dedup key, part)`` of a Redis key under ``prefix``, else None."""
-    text = name.decode() if isinstance(name, bytes) else name
-    found = re.match(rf"^{re.escape(prefix)}:\{{([^{{}}]+)\}}:(.+)$", text)
-    return (found[1], found[2]) if found else None
-
-
 def scan(
-    client: redis.Redis, prefix: str, key: str = "*", count: int = 1000
+    client: redis.Redis, layout: Layout, key: str = "*", count: int = 1000
 ) -> dict[str, set[str]]:
     """The parts stored under each dedup key (all keys, or only ``key``)."""
-    match = f"{glob_escape(prefix)}:{{{key if key == '*' else glob_escape(key)}}}:*"
     parts: dict[str, set[str]] = {}
-    for name in client.scan_iter(match=match, count=count):
-        parsed = parse_redis_key(prefix, name)
+    for name in client.scan_iter(match=layout.pattern(key), count=count):
+        parsed = layout.parse(name)
         if parsed is not None:
             parts.setdefault(parsed[0], set()).add(parsed[1])
     return parts
@@ -252,36 +197,25 @@ class Inspector:
         self.client = client
         self.prefix = prefix
         self.batch = batch
-        self._read = client.register_script(READ)
-        self._release = client.register_script(RELEASE)
-
-    def name(self, key: str, part: str) -> str:
-        return f"{self.prefix}:{{{key}}}:{part}"
+        self.store = Store(client, prefix)
+        self.layout = self.store.layout
 
     def read(self, keys: Iterable[str]) -> list[KeyState]:
         """Each key's snapshot, ``batch`` keys per round trip, in order."""
         keys = list(keys)
-        states: list[KeyState] = []
-        for start in range(0, len(keys), self.batch):
-            chunk = keys[start : start + self.batch]
-            pipe = self.client.pipeline(transaction=False)
-            for key in chunk:
-                parts = [self.name(key, p) for p in ("claim", "lease", "fence")]
-                self._read(keys=parts, client=pipe)
-            replies = pipe.execute()
-            states += [_state(k, r) for k, r in zip(chunk, replies, strict=True)]
-        return states
+        replies = self.store.read(keys, self.batch)
+        return [_state(k, r) for k, r in zip(keys, replies, strict=True)]
 
     def held(self) -> list[KeyState]:
         """Every key a claim or an unexpired lease holds, sorted by key."""
-        found = scan(self.client, self.prefix)
+        found = scan(self.client, self.layout)
         candidates = sorted(k for k, parts in found.items() if parts & HELD_PARTS)
         return [state for state in self.read(candidates) if state.held]
 
     def key(self, key: str) -> KeyState | None:
         """Everything stored under ``key``, completion markers included;
         None if nothing is."""
-        parts = scan(self.client, self.prefix, key).get(key)
+        parts = scan(self.client, self.layout, key).get(key)
         if not parts:
             return None
         [state] = self.read([key])
@@ -293,7 +227,7 @@ class Inspector:
     def task(self, task_id: str) -> list[KeyState]:
         """The keys ``task_id`` holds (claim or lease, expired members too) or
         has a completion marker in, sorted by key."""
-        found = scan(self.client, self.prefix)
+        found = scan(self.client, self.layout)
         candidates = sorted(k for k, parts in found.items() if parts & HELD_PARTS)
         marked = {k for k, parts in found.items() if DONE_PART + task_id in parts}
         states = []
@@ -308,10 +242,7 @@ class Inspector:
     def _done(self, key: str, task_ids: Sequence[str]) -> tuple[Done, ...]:
         if not task_ids:
             return ()
-        pipe = self.client.pipeline(transaction=False)
-        for task_id in task_ids:
-            pipe.pttl(self.name(key, DONE_PART + task_id))
-        ttls = pipe.execute()
+        ttls = self.store.done_ttls(key, task_ids)
         return tuple(
             Done(task_id, None if ms < 0 else ms / 1000)
             for task_id, ms in zip(task_ids, ttls, strict=True)
@@ -347,10 +278,7 @@ class Inspector:
         """
         expected = [x for h in state.leases for x in (h.member, h.score)]
         claim = state.claim.task_id if state.claim else ""
-        done, holder, flat = self._release(
-            keys=[self.name(state.key, "claim"), self.name(state.key, "lease")],
-            args=["1" if force else "0", claim, *expected],
-        )
+        done, holder, flat = self.store.force_release(state.key, claim, expected, force)
         # The snapshot's clock: TTLs are as of the read, not of the release.
         found = _state(state.key, [state.now, holder, -1, flat, state.fence])
         return bool(done), found

@@ -5,6 +5,12 @@ task's signature with defaults applied, so ``f(1)`` and ``f(x=1)`` agree. The
 arguments are serialised canonically (sorted JSON, a fixed set of extra types)
 and hashed with BLAKE2b, never ``hash()``: the same call gives the same key in
 every process, host and Python version.
+
+A value of another type (an exception or an object, as a task with the
+pickle serializer may take) is keyed by a digest of its pickle: equal pickles
+are the same job. Where a pickle is not deterministic (an object holding a
+set of strings, whose order changes with the hash seed) two equal calls may
+get two keys and both run; two different calls never share one.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import decimal
 import hashlib
 import inspect
 import json
+import pickle
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -33,7 +40,15 @@ def _canonical(value: Any) -> Any:
         return {"$bytes": bytes(value).hex()}
     if isinstance(value, set | frozenset):
         return {"$set": sorted(_dumps(v) for v in value)}
-    raise TypeError(f"cannot serialise {type(value).__qualname__} for a dedup key")
+    try:
+        pickled = pickle.dumps(value, protocol=4)
+    except Exception as exc:
+        raise TypeError(
+            f"cannot serialise {type(value).__qualname__} for a dedup key, "
+            f"nor pickle it ({exc})"
+        ) from exc
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    return {"$pickle": [kind, hashlib.blake2b(pickled, digest_size=16).hexdigest()]}
 
 
 def _dumps(value: Any) -> str:
@@ -108,8 +123,16 @@ def make_key(
     spec: KeySpec,
     args: Sequence[Any] | None,
     kwargs: Mapping[str, Any] | None,
+    *,
+    strict: bool = True,
 ) -> str:
-    """The dedup key of one call of ``task_name``, as ``spec`` defines it."""
+    """The dedup key of one call of ``task_name``, as ``spec`` defines it.
+
+    Arguments that do not fit ``signature`` raise ``TypeError`` if ``strict``
+    (as Celery checks a call), else they are keyed as given, positional ones
+    by their index (a task with ``typing=False``; a delivery, whose body will
+    raise the ``TypeError`` itself).
+    """
     args = tuple(args or ())
     kwargs = dict(kwargs or {})
     if isinstance(spec, str):
@@ -124,7 +147,9 @@ def make_key(
     try:
         named = bind_arguments(signature, args, kwargs)
     except TypeError as exc:
-        raise TypeError(f"{task_name}: {exc}") from exc
+        if strict:
+            raise TypeError(f"{task_name}: {exc}") from exc
+        named = bind_arguments(None, args, kwargs)
     if spec is not None:
         try:
             named = {name: named[name] for name in spec}
@@ -147,12 +172,3 @@ def task_signature(run: Callable[..., Any]) -> inspect.Signature | None:
     if kinds <= {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
         return None
     return signature
-
-
-def redis_key(prefix: str, key: str, part: str) -> str:
-    """The Redis key holding ``part`` of dedup key ``key``.
-
-    Every part of one dedup key shares the hash tag ``{key}``, so a script that
-    touches several of them stays in one Redis Cluster slot.
-    """
-    return f"{prefix}:{{{key}}}:{part}"

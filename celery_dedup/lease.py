@@ -1,20 +1,23 @@
-"""The execution lease: at most N bodies of a dedup key at once, fenced.
+"""The execution lease as a body holds it, and the process's background thread.
 
-A lease is a member of a sorted set per key, scored by its expiry in Redis
-time (so clocks of workers never matter). Each acquisition gets a fencing token
-that is strictly greater than every token handed out for the key before: the
-larger of "last token + 1" and the Redis clock in microseconds, so not even a
-Redis restart that lost the counter makes a token go back.
+A lease is a member of the key's lease set (see :mod:`celery_dedup.store`):
+at most ``dedup_max_running`` members per key, each with an expiry in Redis
+time, so workers' clocks never matter. Each acquisition gets a fencing token
+strictly greater than every token handed out for the key before.
 
-One round trip acquires (and checks completion memory and the claim), one
-renews, one releases (and records completion and frees the claim). A
-heartbeat thread per process renews every live lease each third of its TTL.
+One :class:`Heartbeat` thread per process renews every lease held there each
+third of its TTL, and runs the Redis work that must not wait in the caller's
+thread: a release that failed (retried until its keys would have expired
+anyway), a dead child's lease (freed once the process is gone), a revoked
+message's claim. :meth:`Heartbeat.flush` runs what is left when the process
+exits, so a key never stays held because a process ended.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -26,133 +29,10 @@ from . import signals
 
 logger = logging.getLogger(__name__)
 
-# KEYS[1] - the lease set (member -> expiry, ms of Redis time)
-# KEYS[2] - the fencing counter
-# KEYS[3] - this task id's completion marker
-# KEYS[4] - the enqueue claim
-# ARGV[1] - member: "<len(task id)>:<task id>|<host>|<pid>[|<thread>]"
-# ARGV[2] - task id
-# ARGV[3] - lease TTL (ms)
-# ARGV[4] - how many members may hold the key at once
-# ARGV[5] - fencing counter TTL (ms)
-# ARGV[6] - "1": delete the claim if this task id holds it, once acquired
-# ARGV[7] - claim TTL (ms) to take the claim here, at execution, for a message
-#           no publisher claimed (until_expired); "0": leave the claim alone
-# Returns {1, token, 1 if it took the claim} acquired; {2} the task id already
-# completed; {3, ms, id} another execution of this task id holds the key;
-# {4, ms, id} other task ids fill the key (ms: until the earliest holder's
-# lease ends); {5, ms, id} another task id holds the claim ARGV[7] asked for.
-ACQUIRE: Final = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  return {2}
-end
-local claim_ttl = tonumber(ARGV[7])
-local claim_holder = false
-if claim_ttl > 0 then
-  claim_holder = redis.call('GET', KEYS[4])
-  if claim_holder and claim_holder ~= ARGV[2] then
-    return {5, redis.call('PTTL', KEYS[4]), claim_holder}
-  end
-end
-local ttl = tonumber(ARGV[3])
-local expire = true
-if redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now) >= 0
-    and redis.call('EXISTS', KEYS[1]) == 1 then
-  local holders = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-  local prefix = #ARGV[2] .. ':' .. ARGV[2] .. '|'
-  local first, first_id = nil, nil
-  for i = 1, #holders, 2 do
-    local n, rest = string.match(holders[i], '^(%d+):(.*)$')
-    local id = rest:sub(1, tonumber(n))
-    if holders[i]:sub(1, #prefix) == prefix then
-      return {3, tonumber(holders[i + 1]) - now, id}
-    end
-    if not first or tonumber(holders[i + 1]) < first then
-      first, first_id = tonumber(holders[i + 1]), id
-    end
-  end
-  if #holders / 2 >= tonumber(ARGV[4]) then
-    return {4, first - now, first_id}
-  end
-  expire = redis.call('PTTL', KEYS[1]) < ttl
-end
-local last = tonumber(redis.call('GET', KEYS[2]) or '0')
-local token = t[1] * 1000000 + t[2]
-if token <= last then token = last + 1 end
-redis.call('SET', KEYS[2], string.format('%d', token), 'PX', ARGV[5])
-redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-if expire then redis.call('PEXPIRE', KEYS[1], ttl) end
-local claimed = 0
-if claim_ttl > 0 then
-  if not claim_holder then
-    redis.call('SET', KEYS[4], ARGV[2], 'PX', claim_ttl)
-  end
-  claimed = 1
-elseif ARGV[6] == '1' and redis.call('GET', KEYS[4]) == ARGV[2] then
-  redis.call('DEL', KEYS[4])
-end
-return {1, token, claimed}
-"""
-
-# KEYS[1] - the lease set
-# ARGV[1] - member
-# ARGV[2] - lease TTL (ms), replacing what was left
-# Returns 1 if the member still held the key (now renewed), else 0.
-RENEW: Final = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not expiry or tonumber(expiry) <= now then
-  return 0
-end
-local ttl = tonumber(ARGV[2])
-redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
-return 1
-"""
-
-# KEYS[1] - the lease set
-# KEYS[2] - the enqueue claim
-# KEYS[3] - this task id's completion marker
-# ARGV[1] - member ("" when there is no lease to give back)
-# ARGV[2] - task id
-# ARGV[3] - "1": delete the claim if this task id holds it
-# ARGV[4] - completion memory (ms); 0: the task did not succeed
-# Returns 1 if the member was still in the set, else 0: then another execution
-# took the key (acquiring purges expired members) or it was freed by force.
-# Completion is only recorded for a member that was still there.
-RELEASE: Final = """
-local held = 0
-if ARGV[1] ~= '' then
-  held = redis.call('ZREM', KEYS[1], ARGV[1])
-end
-if ARGV[3] == '1' and redis.call('GET', KEYS[2]) == ARGV[2] then
-  redis.call('DEL', KEYS[2])
-end
-if held == 1 and tonumber(ARGV[4]) > 0 then
-  redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
-end
-return held
-"""
-
-ACQUIRED: Final = 1
-DONE: Final = 2
-SAME_TASK: Final = 3
-BUSY: Final = 4
-CLAIMED: Final = 5
-
-
-@dataclasses.dataclass(frozen=True)
-class Outcome:
-    """What ACQUIRE answered: a status, and the token or the holder and wait."""
-
-    status: int
-    token: int = 0
-    wait: float = 0.0  # seconds until the earliest holder's lease ends
-    holder: str | None = None
-    took_claim: bool = False
+#: How often a job whose moment has not come is looked at again (seconds).
+POLL: Final = 0.02
+#: How often a job whose Redis call failed is tried again (seconds).
+RETRY: Final = 1.0
 
 
 def member(task_id: str, hostname: str | None, pid: int, thread: int | None) -> str:
@@ -174,19 +54,19 @@ class Lease:
     def __init__(
         self,
         key: str,
-        redis_key: str,
         member: str,
         token: int,
         ttl: float,
         asked_at: float,
         task_name: str | None = None,
+        max_running: int = 1,
     ) -> None:
         self.task_name = task_name
         self.key = key
-        self.redis_key = redis_key
         self.member = member
         self.token = token
         self.ttl = ttl
+        self.max_running = max_running
         self.task_id = task_of(member)
         # Counted from before the request: never later than Redis's own expiry.
         self._expires = asked_at + ttl
@@ -203,211 +83,202 @@ class Lease:
             return "not renewed before it expired"
         return self._lost
 
-    def _renewed(self, at: float) -> None:
+    def renewed(self, at: float) -> None:
+        """A renewal sent at monotonic ``at`` succeeded."""
         self._expires = at + self.ttl
 
     def lose(self, reason: str) -> None:
         """Mark the lease lost (once), log it and send ``lease_lost``."""
-        if self._lost is None:
-            self._lost = reason
-            logger.info(
-                "Lease lost on %s by %s[%s]: %s",
-                self.key,
-                self.task_name,
-                self.task_id,
-                reason,
-                extra={
-                    "dedup_key": self.key,
-                    "task_id": self.task_id,
-                    "task_name": self.task_name,
-                },
-            )
-            signals.lease_lost.send(
-                sender=self.task_name, key=self.key, task_id=self.task_id, reason=reason
-            )
-
-
-class Leases:
-    """The lease scripts on one Redis client, and the process's heartbeat."""
-
-    def __init__(self, client: redis.Redis, heartbeat_client: redis.Redis) -> None:
-        self._acquire = client.register_script(ACQUIRE)
-        self._release = client.register_script(RELEASE)
-        self._renew = heartbeat_client.register_script(RENEW)
-        self._heartbeat_client = heartbeat_client
-        self._heartbeat: Heartbeat | None = None
-        self._lock = threading.Lock()
-
-    def acquire(
-        self,
-        keys: tuple[str, str, str, str],
-        member: str,
-        ttl: float,
-        max_running: int,
-        fence_ttl: float,
-        release_claim: bool,
-        claim_ttl: float = 0,
-    ) -> Outcome:
-        """Try to take the lease; keys: lease set, fence, done marker, claim.
-
-        ``claim_ttl`` > 0 also takes the claim (for that long) if it is free.
-        """
-        reply = self._acquire(
-            keys=list(keys),
-            args=[
-                member,
-                task_of(member),
-                _ms(ttl),
-                max_running,
-                _ms(fence_ttl),
-                "1" if release_claim else "0",
-                _ms(claim_ttl, 0),
-            ],
+        if self._lost is not None:
+            return
+        self._lost = reason
+        logger.info(
+            "Lease lost on %s by %s[%s]: %s",
+            self.key,
+            self.task_name,
+            self.task_id,
+            reason,
+            extra={
+                "dedup_key": self.key,
+                "task_id": self.task_id,
+                "task_name": self.task_name,
+            },
         )
-        status = int(reply[0])
-        if status == ACQUIRED:
-            return Outcome(status, token=int(reply[1]), took_claim=bool(reply[2]))
-        if status == DONE:
-            return Outcome(status)
-        return Outcome(
-            status, wait=max(0, int(reply[1])) / 1000, holder=_text(reply[2])
+        signals.lease_lost.send(
+            sender=self.task_name, key=self.key, task_id=self.task_id, reason=reason
         )
 
-    def release(
-        self,
-        keys: tuple[str, str, str],
-        member: str,
-        task_id: str,
-        release_claim: bool,
-        done_ttl: float,
-    ) -> bool:
-        """Give back a lease (keys: lease set, claim, done marker)."""
-        reply = self._release(
-            keys=list(keys),
-            args=[member, task_id, "1" if release_claim else "0", _ms(done_ttl, 0)],
-        )
-        return bool(reply)
 
-    def renew(self, lease: Lease) -> bool:
-        return bool(
-            self._renew(keys=[lease.redis_key], args=[lease.member, _ms(lease.ttl)])
+@dataclasses.dataclass(eq=False)
+class Job:
+    """Redis work for the background thread: ``action`` once ``ready()``,
+    retried on a Redis error, given up at ``until`` (monotonic)."""
+
+    action: Callable[[], object]
+    until: float
+    ready: Callable[[], bool] | None = None
+    poll: float = POLL
+    at: float = 0.0  # when to look at it next
+
+
+class Heartbeat:
+    """Renews this process's leases and runs its deferred Redis work.
+
+    ``renew(lease)`` is True while the lease is held, False once another
+    execution holds the key (or the lease expired); a Redis error is retried
+    until the lease would have expired, and the lease is lost then.
+    """
+
+    def __init__(self, renew: Callable[[Lease], bool]) -> None:
+        self._renew = renew
+        self._wake = threading.Condition()
+        self._reset()
+        # A prefork child is forked from a process whose thread may hold the
+        # lock: hold it across the fork, so that the child's copy is free.
+        os.register_at_fork(
+            before=self._wake.acquire,
+            after_in_parent=self._wake.release,
+            after_in_child=self._wake.release,
         )
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._thread: threading.Thread | None = None
+        self._due: dict[Lease, float] = {}
+        self._jobs: list[Job] = []
+        self._sleeps_until = 0.0  # when the thread wakes by itself next
+
+    # -- what callers use ----------------------------------------------------
 
     def watch(self, lease: Lease) -> None:
         """Renew ``lease`` every third of its TTL until :meth:`unwatch`."""
-        self._thread().add(lease)
-
-    def later(self, action: Callable[[], object], until: float) -> None:
-        """Retry ``action`` (a release that failed) every second until it
-        succeeds or ``until`` (monotonic) passes, when its key expires anyway.
-        """
-        self._thread().retry(action, until)
-
-    def _thread(self) -> Heartbeat:
-        with self._lock:
-            if self._heartbeat is None or not self._heartbeat.is_alive():
-                self._heartbeat = Heartbeat(self)
-                self._heartbeat.start()
-            return self._heartbeat
-
-    def unwatch(self, lease: Lease) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.remove(lease)
-
-    def close(self) -> None:
-        """Close the heartbeat's connections (its thread idles, as a daemon)."""
-        self._heartbeat_client.close()
-
-
-class Heartbeat(threading.Thread):
-    """Renews the leases held in this process; one thread for all of them.
-
-    A failed renewal is retried until the lease would have expired; then the
-    lease counts as lost. A renewal that finds another owner loses it at once.
-    """
-
-    def __init__(self, leases: Leases) -> None:
-        super().__init__(name="celery-dedup-heartbeat", daemon=True)
-        self._leases = leases
-        self._due: dict[Lease, float] = {}
-        self._retries: list[tuple[Callable[[], object], float]] = []
-        self._wake = threading.Condition()
-        self._sleeps_until = 0.0  # when the thread wakes by itself next
-
-    def retry(self, action: Callable[[], object], until: float) -> None:
-        with self._wake:
-            self._retries.append((action, until))
-            self._wake.notify()
-
-    def add(self, lease: Lease) -> None:
         due = time.monotonic() + lease.ttl / 3
-        with self._wake:
+        with self._started():
             self._due[lease] = due
             if due < self._sleeps_until:  # else it wakes in time: let it sleep
                 self._wake.notify()
 
-    def remove(self, lease: Lease) -> None:
+    def unwatch(self, lease: Lease) -> None:
         with self._wake:
             self._due.pop(lease, None)
 
-    def run(self) -> None:
-        next_retry = 0.0
+    def later(
+        self,
+        action: Callable[[], object],
+        until: float,
+        *,
+        ready: Callable[[], bool] | None = None,
+        poll: float = POLL,
+        delay: float = 0.0,
+    ) -> None:
+        """Run ``action`` in the background, once ``ready()`` (every ``poll``
+        seconds), after ``delay``; retried every second on a Redis error; given
+        up at ``until`` (monotonic), when what it frees expires anyway."""
+        job = Job(action, until, ready, poll, time.monotonic() + delay)
+        with self._started():
+            self._jobs.append(job)
+            self._wake.notify()
+
+    def flush(self, timeout: float) -> int:
+        """Run every pending job that is ready now, in this thread, retrying
+        for up to ``timeout`` seconds (a process about to exit); returns how
+        many were left undone. A job whose moment has not come (a revoke not
+        seen) is dropped: nothing is left to wait for it."""
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            jobs, self._jobs = self._jobs, []
+        while jobs and time.monotonic() < deadline:
+            jobs = [job for job in jobs if not self._run(job, force=True)]
+            if jobs:
+                time.sleep(POLL)
+        if jobs:
+            logger.warning(
+                "celery-dedup: %d deferred Redis release(s) not done at exit; "
+                "their keys expire by their TTL",
+                len(jobs),
+            )
+        return len(jobs)
+
+    # -- the thread ----------------------------------------------------------
+
+    def _started(self) -> threading.Condition:
+        """The condition, with the thread running (a forked child starts anew:
+        its parent's leases and jobs are the parent's to finish)."""
+        if self._pid != os.getpid():  # its lock may have been held at the fork
+            self._wake = threading.Condition()
+            self._reset()
+        with self._wake:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name="celery-dedup-heartbeat", daemon=True
+                )
+                self._thread.start()
+        return self._wake
+
+    def _loop(self) -> None:
         while True:
             with self._wake:
                 now = time.monotonic()
                 due = [lease for lease, at in self._due.items() if at <= now]
-                retries = self._retries if now >= next_retry else []
-                if not due and not retries:
-                    wake_at = min(self._due.values(), default=now + 60)
-                    if self._retries:
-                        wake_at = min(wake_at, next_retry)
+                jobs = [job for job in self._jobs if job.at <= now]
+                if not due and not jobs:
+                    wake_at = min(
+                        [*self._due.values(), *(j.at for j in self._jobs)],
+                        default=now + 60,
+                    )
                     self._sleeps_until = wake_at
                     self._wake.wait(timeout=max(0.0, wake_at - now))
                     self._sleeps_until = 0.0
                     continue
-                if retries:
-                    self._retries = []
-                    next_retry = now + 1.0
+                self._jobs = [job for job in self._jobs if job.at > now]
             for lease in due:
                 self._beat(lease)
-            for action, until in retries:
-                self._try(action, until)
+            for job in jobs:
+                if not self._run(job, force=False):
+                    with self._wake:
+                        self._jobs.append(job)
 
-    def _try(self, action: Callable[[], object], until: float) -> None:
+    def _run(self, job: Job, *, force: bool) -> bool:
+        """Try ``job``; True when it is finished with (done or given up).
+        ``force``: at exit; a job that is not ready is given up."""
+        now = time.monotonic()
+        if now >= job.until:
+            return True
+        if job.ready is not None and not job.ready():
+            job.at = now + job.poll
+            return force
         try:
-            action()
+            job.action()
         except redis.RedisError:
-            if time.monotonic() < until:
-                with self._wake:
-                    self._retries.append((action, until))
+            job.at = now + RETRY
+            return False
+        except Exception:
+            logger.exception("celery-dedup: a deferred Redis call failed")
+        return True
 
     def _beat(self, lease: Lease) -> None:
         started = time.monotonic()
         try:
-            renewed = self._leases.renew(lease)
+            renewed = self._renew(lease)
         except redis.RedisError as exc:
-            if not lease.valid:
-                lease.lose(f"Redis unreachable until the lease expired ({exc!r})")
-                self.remove(lease)
-            else:
+            if lease.valid:
                 self._reschedule(lease, started + min(1.0, lease.ttl / 10))
+            elif self._drop(lease):
+                lease.lose(f"Redis unreachable until the lease expired ({exc!r})")
             return
         if renewed:
-            lease._renewed(started)
+            lease.renewed(started)
             self._reschedule(lease, started + lease.ttl / 3)
-        else:
+        elif self._drop(lease):
+            # Still watched: its body did not end and give it back meanwhile.
             lease.lose("another execution holds the key, or the lease expired")
-            self.remove(lease)
+
+    def _drop(self, lease: Lease) -> bool:
+        """Stop renewing ``lease``; False if its body already unwatched it."""
+        with self._wake:
+            return self._due.pop(lease, None) is not None
 
     def _reschedule(self, lease: Lease, at: float) -> None:
         with self._wake:
             if lease in self._due:
                 self._due[lease] = at
-
-
-def _ms(seconds: float, floor: int = 1) -> int:
-    return max(floor, int(seconds * 1000))
-
-
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value

@@ -1,55 +1,46 @@
-"""``DedupTask``: publish once per dedup key, run under a fenced lease."""
+"""``DedupTask``: publish once per dedup key, run under a fenced lease.
+
+A thin adapter: :mod:`celery_dedup.model` decides, :mod:`celery_dedup.store`
+talks to Redis, :mod:`celery_dedup.execution` runs the body side.
+"""
 
 from __future__ import annotations
 
 import functools
 import inspect
-import logging
-import os
-import threading
-import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import redis
 from celery import Task, current_task
-from celery.exceptions import Ignore, Reject, Retry
+from celery.canvas import Signature
 from celery.result import AsyncResult
 from celery.utils import uuid
 
-from . import claim as claims
-from . import lease as leases
-from . import signals
+from . import execution, model, notify
 from .config import (
     TASK_OPTIONS,
     TaskOptions,
     get_config,
     resolve,
     validate_task_option,
-    visibility_timeout,
 )
-from .connection import Backend, get_backend
+from .connection import get_backend
 from .exceptions import (
     BackendUnavailableError,
     ConfigurationError,
     DuplicateTaskError,
-    LockLostError,
 )
+from .execution import HEADER, overrides, stamp_of
 from .keys import make_key, task_signature
+from .store import Claim
+from .timing import claim_ttl
+from .wiring import connect
 
 if TYPE_CHECKING:
     _TaskBase = Task[Any, Any]
 else:
     _TaskBase = Task
-
-logger = logging.getLogger(__name__)
-
-#: The message header that carries a call's dedup decision to the worker:
-#: ``{"key": str, "claim": bool, "lock": mode, "options": {call overrides}}``.
-HEADER: Final = "celery_dedup"
-
-_RELEASE_AT_START: Final = frozenset({"until_executing", "until_and_while_executing"})
-_RELEASE_AT_END: Final = frozenset({"until_executed"})
 
 
 class DedupResult(AsyncResult):  # type: ignore[type-arg]
@@ -57,6 +48,26 @@ class DedupResult(AsyncResult):  # type: ignore[type-arg]
 
     #: True when the call published nothing and this is the existing task.
     deduplicated: bool = False
+    #: The call's dedup key (None when the call did not deduplicate).
+    dedup_key: str | None = None
+
+    def revoke(self, *args: Any, **kwargs: Any) -> None:
+        """Revoke the task, and free its key at once if it holds the claim
+        (whatever its eta: Celery's workers learn of a revoke, but report it
+        only when the task would have run)."""
+        key = self.dedup_key
+        if key is not None:
+            backend = get_backend(self.app)
+            try:
+                backend.store.release_claim(key, self.id)
+            except redis.RedisError:
+                notify.logger.warning(
+                    "Could not free the claim of revoked %s; workers free it",
+                    self.id,
+                    exc_info=True,
+                    extra=notify.extra(getattr(self, "task_name", None), key, self.id),
+                )
+        super().revoke(*args, **kwargs)
 
 
 class DedupTask(_TaskBase):
@@ -74,14 +85,16 @@ class DedupTask(_TaskBase):
     dedup_lock_ttl: float | None = None
     dedup_max_running: int | None = None
 
-    #: The worker-side request class: frees a lease whose process died.
+    #: The worker-side request class: frees what a dead child or a revoke held.
     Request = "celery_dedup.request:DedupRequest"
 
     @classmethod
     def on_bound(cls, app: Any) -> None:
-        """Check the task's dedup options, annotations included, once bound."""
+        """Check the task's dedup options, annotations included, once bound;
+        connect celery-dedup's worker receivers (once per process)."""
         super().on_bound(app)
         cls.dedup_attributes()
+        connect()
 
     @classmethod
     def dedup_attributes(cls) -> dict[str, Any]:
@@ -99,13 +112,14 @@ class DedupTask(_TaskBase):
             cls.dedup_key = staticmethod(cls.dedup_key)
         return found
 
-    def _dedup_on(self) -> bool:
+    def dedup_opted_in(self) -> bool:
         """Whether this task deduplicates at all.
 
-        With ``base=DedupTask`` it does. As the app-wide default
-        (``task_cls="celery_dedup:DedupTask"``) only a task that opts in does:
-        one with a ``dedup_*`` option (attribute or annotation) or a
-        ``dedup_tasks`` entry; the others behave as plain Celery tasks.
+        Never with ``dedup_enabled = False``. With ``base=DedupTask`` it does.
+        As the app-wide default (``task_cls="celery_dedup:DedupTask"``) only a
+        task that opts in does: one with a ``dedup_*`` option (attribute or
+        annotation) or a ``dedup_tasks`` entry; the others behave as plain
+        Celery tasks.
         """
         config = get_config(self.app)
         cached = self.__dict__.get("_dedup_on_cache")
@@ -121,76 +135,33 @@ class DedupTask(_TaskBase):
         self.__dict__["_dedup_on_cache"] = (config, on)
         return on
 
-    # -- enqueue -----------------------------------------------------------
+    def dedup_applies(self, request: Any) -> bool:
+        """Whether a delivery with this request context runs under dedup: the
+        task opted in, or its message was stamped at publish; never when
+        ``dedup_enabled`` is False."""
+        if not get_config(self.app).enabled:
+            return False
+        return self.dedup_opted_in() or stamp_of(request) is not None
 
-    def apply_async(
-        self,
-        args: tuple[Any, ...] | None = None,
-        kwargs: dict[str, Any] | None = None,
-        task_id: str | None = None,
-        producer: Any = None,
-        link: Any = None,
-        link_error: Any = None,
-        shadow: str | None = None,
-        **options: Any,
-    ) -> AsyncResult:  # type: ignore[type-arg]
-        """Publish unless another task holds this call's dedup key.
+    def dedup_options(self, call: Mapping[str, Any] | None = None) -> TaskOptions:
+        """The options in force for a call with ``call`` (checked
+        ``dedup_*`` keywords) over this task's own, its entry and settings."""
+        config = get_config(self.app)
+        cached = self.__dict__.get("_dedup_defaults")
+        if not call and cached is not None and cached[0] is config:
+            return cached[1]  # type: ignore[no-any-return]
+        attributes = self.__dict__.get("_dedup_attributes")
+        if attributes is None:
+            attributes = self.__dict__["_dedup_attributes"] = self.dedup_attributes()
+        opts = resolve(config, self.name, attributes, call or {})
+        if not call:
+            self.__dict__["_dedup_defaults"] = (config, opts)
+        return opts
 
-        Returns a :class:`DedupResult`: the new task's, or with
-        ``dedup_on_conflict="skip"`` the existing task's, with
-        ``deduplicated`` set. Raises :class:`DuplicateTaskError` with
-        ``dedup_on_conflict="raise"``.
-        """
-        call = _call_options(options, "apply_async")
-        app = self.app
-        headers = dict(options.pop("headers", None) or {})
-        stamp = headers.get(HEADER)
-        if app.conf.task_always_eager or not (call or self._dedup_on()):
-            # Eager calls run in this process at once: nothing is queued twice.
-            result = super().apply_async(
-                args, kwargs, task_id, producer, link, link_error, shadow,
-                headers=headers, **options,
-            )  # fmt: skip
-            result.deduplicated = False  # type: ignore[attr-defined]
-            return result
-
-        backend = get_backend(app)
-        task_id = task_id or uuid()
-        # A retry republishes the running message under its own id: never
-        # deduplicate it, not even against a claim another task took meanwhile.
-        retrying = task_id == self.request.id
-        if isinstance(stamp, Mapping) and retrying:
-            stamp = dict(stamp)
-            opts = self._dedup_options(_overrides(stamp))
-        else:
-            opts = self._dedup_options(call)
-            stamp = {
-                "key": self._dedup_key(opts, args, kwargs),
-                "lock": opts.lock,
-                "options": {n: v for n, v in call.items() if n != "dedup_key"},
-            }
-
-        had_claim = bool(stamp.get("claim"))
-        stamp["claim"] = False
-        if opts.lock != "while_executing":
-            held = self._claim(backend, stamp["key"], opts, task_id, options, retrying)
-            if held is not None and not retrying and held.status != claims.NEW:
-                # Taken by another task, or this very task id is already pending
-                # (a caller that sends deterministic task ids twice).
-                return self._deduplicated(stamp["key"], opts, held.holder)
-            # A retry that could not reach Redis still owns the claim it had.
-            stamp["claim"] = held.acquired if held is not None else had_claim
-        headers[HEADER] = stamp
-        try:
-            result = super().apply_async(
-                args, kwargs, task_id, producer, link, link_error, shadow,
-                headers=headers, **options,
-            )  # fmt: skip
-        except BaseException:
-            if stamp["claim"]:
-                self._release_claim(backend, stamp["key"], task_id)
-            raise
-        return result
+    @functools.cached_property
+    def dedup_signature(self) -> inspect.Signature | None:
+        """The signature calls are bound to (None: keyed by raw arguments)."""
+        return task_signature(self.run)
 
     def dedup_key_for(
         self,
@@ -205,7 +176,134 @@ class DedupTask(_TaskBase):
             raise ConfigurationError(
                 f"dedup_key_for: {unknown[0]}", "takes only dedup_* options"
             )
-        return self._dedup_key(self._dedup_options(call), args, kwargs)
+        return self._key(self.dedup_options(call), args, kwargs, strict=self.typing)
+
+    def dedup_key_at_execution(
+        self, opts: TaskOptions, args: Any, kwargs: Mapping[str, Any] | None
+    ) -> str:
+        """The key of a delivery whose publisher computed none. Arguments that
+        do not fit the signature are keyed raw: the body raises its own
+        ``TypeError``, still under the lease."""
+        return self._key(opts, args, kwargs, strict=False)
+
+    def _key(self, opts: TaskOptions, args: Any, kwargs: Any, *, strict: bool) -> str:
+        return make_key(
+            self.name, self.dedup_signature, opts.key, args, kwargs, strict=strict
+        )
+
+    # -- enqueue -----------------------------------------------------------
+
+    def apply_async(
+        self,
+        args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> DedupResult:
+        """Publish unless another task holds this call's dedup key.
+
+        Returns a :class:`DedupResult`: the new task's, or with
+        ``dedup_on_conflict="skip"`` the existing task's, with
+        ``deduplicated`` set. Raises :class:`DuplicateTaskError` with
+        ``dedup_on_conflict="raise"``. A retry, a reschedule and a workflow
+        member (chain, group, chord, ``link``) are always published.
+        """
+        call = _call_options(options, "apply_async")
+        headers = dict(options.pop("headers", None) or {})
+
+        def publish(task_id: str | None) -> DedupResult:
+            result = super(DedupTask, self).apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow,
+                headers=headers, **options,
+            )  # fmt: skip
+            if not isinstance(result, DedupResult):  # an EagerResult
+                vars(result).update(deduplicated=False, dedup_key=None)
+            return result  # type: ignore[return-value]
+
+        opted_in = self.dedup_opted_in() or (
+            bool(call) and get_config(self.app).enabled
+        )
+        if self.app.conf.task_always_eager or not opted_in:
+            # Eager calls run in this process at once: nothing is queued twice.
+            return publish(task_id)
+
+        task_id = task_id or uuid()
+        workflow = bool(link or link_error) or model.is_workflow_call(options)
+        stamp, opts, republish = self._stamp(headers.get(HEADER), call, task_id)
+        had_claim = bool(stamp.get("claim"))
+        stamp.update(id=task_id, claim=False)
+        stamp["workflow"] = workflow = workflow or bool(stamp.get("workflow"))
+        headers[HEADER] = stamp
+        if not model.wants_claim(opts.lock):
+            return publish(task_id)  # keyed at execution, where it is used
+
+        key = stamp["key"] = stamp.get("key") or self._key(
+            opts, args, kwargs, strict=self.typing
+        )
+        ttl = claim_ttl(opts.ttl, {"expires": self.expires, **options})
+        answer = self._claim(key, task_id, ttl)
+        decision = model.on_claim(
+            answer.status if isinstance(answer, Claim) else None,
+            on_conflict=opts.on_conflict,
+            on_redis_error=get_config(self.app).on_redis_error,
+            republish=republish,
+            workflow=workflow,
+            had_claim=had_claim,
+        )
+        if not isinstance(answer, Claim):  # Redis failed
+            if decision.raise_unavailable:
+                raise BackendUnavailableError("the enqueue claim", answer) from answer
+            notify.logger.warning(
+                "Redis unavailable: %s[%s] published without its claim (%r)",
+                self.name,
+                task_id,
+                answer,
+                extra=notify.extra(self.name, key, task_id),
+            )
+        elif not decision.publish:
+            notify.deduplicated(self.name, key, None, answer.holder, "enqueue")
+            if decision.raise_duplicate:
+                raise DuplicateTaskError(key, answer.holder, self.name)
+            existing = self.AsyncResult(answer.holder)
+            existing.deduplicated, existing.dedup_key = True, key
+            return existing
+        stamp["claim"] = decision.claim
+        try:
+            result = publish(task_id)
+        except BaseException:
+            if decision.claim:
+                self._release_claim(key, task_id, opts)
+            raise
+        result.dedup_key = key
+        return result
+
+    def _stamp(
+        self, stamp: Any, call: Mapping[str, Any], task_id: str
+    ) -> tuple[dict[str, Any], TaskOptions, bool]:
+        """The stamp a call publishes with, its options, and whether it
+        republishes a task id (a retry, a reschedule, Celery republishing a
+        task whose worker was lost, ``self.replace()`` by this task)."""
+        if isinstance(stamp, Mapping) and (
+            stamp.get("id") == task_id or task_id == self.request.id
+        ):
+            return dict(stamp), self.dedup_options(overrides(stamp)), True
+        opts = self.dedup_options(call)
+        fresh = {
+            "key": None,
+            "lock": opts.lock.value,
+            "options": {n: v for n, v in call.items() if n != "dedup_key"},
+        }
+        return fresh, opts, task_id == self.request.id
+
+    def _claim(self, key: str, task_id: str, ttl: float) -> Claim | redis.RedisError:
+        try:
+            return get_backend(self.app).store.claim(key, task_id, ttl)
+        except redis.RedisError as exc:
+            return exc
 
     def AsyncResult(self, task_id: str, **kwargs: Any) -> DedupResult:
         """Get the :class:`DedupResult` of ``task_id``."""
@@ -213,98 +311,17 @@ class DedupTask(_TaskBase):
             task_id, backend=self.backend, task_name=self.name, app=self.app, **kwargs
         )
 
-    def _dedup_options(self, call: Mapping[str, Any]) -> TaskOptions:
-        config = get_config(self.app)
-        cached = self.__dict__.get("_dedup_defaults")
-        if not call and cached is not None and cached[0] is config:
-            return cached[1]  # type: ignore[no-any-return]
-        attributes = self.__dict__.get("_dedup_attributes")
-        if attributes is None:
-            attributes = self.__dict__["_dedup_attributes"] = self.dedup_attributes()
-        opts = resolve(config, self.name, attributes, call)
-        if not call:
-            self.__dict__["_dedup_defaults"] = (config, opts)
-        return opts
-
-    def _dedup_key(
-        self, opts: TaskOptions, args: Any, kwargs: Mapping[str, Any] | None
-    ) -> str:
-        return make_key(self.name, self._dedup_signature, opts.key, args, kwargs)
-
-    @functools.cached_property
-    def _dedup_signature(self) -> inspect.Signature | None:
-        return task_signature(self.run)
-
-    def _claim(
-        self,
-        backend: Backend,
-        key: str,
-        opts: TaskOptions,
-        task_id: str,
-        options: Mapping[str, Any],
-        retrying: bool,
-    ) -> claims.ClaimResult | None:
-        """Take the enqueue claim; None when Redis is down and we may proceed.
-
-        A retry always proceeds: failing it would lose the task.
-        """
-        try:
-            return backend.claims.claim(
-                backend.key(key, "claim"),
-                backend.key(key, f"done:{task_id}"),
-                task_id,
-                claims.ttl_for(opts.ttl, {"expires": self.expires, **options}),
-            )
-        except redis.RedisError as exc:
-            if retrying:
-                logger.warning(
-                    "Redis unavailable: retry of %s[%s] published without a claim",
-                    self.name,
-                    task_id,
-                    extra=_extra(self.name, key, task_id),
-                )
-            else:
-                self._redis_down(backend, "the enqueue claim", exc, key, task_id)
-            return None
-
-    def _redis_down(
-        self, backend: Backend, operation: str, exc: Exception, key: str, task_id: str
-    ) -> None:
-        """Raise, or log and carry on, as ``dedup_on_redis_error`` says."""
-        if backend.config.on_redis_error == "raise":
-            raise BackendUnavailableError(operation, exc) from exc
-        logger.warning(
-            "Redis unavailable: %s[%s] goes on without %s",
+    def _release_claim(self, key: str, task_id: str, opts: TaskOptions) -> None:
+        """Free the claim of a publish that failed."""
+        delivery = execution.Delivery(task_id, key, opts, True, False)
+        execution.free(
+            get_backend(self.app),
+            delivery,
+            "",
+            model.Release(free_claim=True),
             self.name,
-            task_id,
-            operation,
-            extra=_extra(self.name, key, task_id),
+            retry_for=opts.ttl,
         )
-
-    def _deduplicated(self, key: str, opts: TaskOptions, holder: str) -> DedupResult:
-        _log_duplicate(self.name, key, None, holder, "enqueue")
-        if opts.on_conflict == "raise":
-            raise DuplicateTaskError(key, holder, self.name)
-        result = self.AsyncResult(holder)
-        result.deduplicated = True
-        return result
-
-    def _release_claim(self, backend: Backend, key: str, task_id: str) -> None:
-        def release() -> object:
-            return backend.claims.release(backend.key(key, "claim"), task_id)
-
-        try:
-            release()
-        except redis.RedisError:
-            logger.warning(
-                "Could not release the claim of %s[%s]; retrying in the background",
-                self.name,
-                task_id,
-                exc_info=True,
-                extra=_extra(self.name, key, task_id),
-            )
-            ttl = self._dedup_options({}).ttl
-            backend.leases.later(release, time.monotonic() + ttl)
 
     # -- execution ---------------------------------------------------------
 
@@ -319,314 +336,32 @@ class DedupTask(_TaskBase):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
-        task_id = request.id
-        if task_id is None or request.is_eager:
+        if request.id is None or request.is_eager or not self.dedup_applies(request):
             return super().__call__(*args, **kwargs)
-        if not self._dedup_on() and stamp_of(request) is None:
-            return super().__call__(*args, **kwargs)  # a call that did not opt in
-        plan = self._execution_plan(request, args, kwargs)
-        backend = get_backend(self.app)
-        lease = self._acquire(backend, plan, task_id)
-        if lease is None:  # Redis down and dedup_on_redis_error="proceed"
-            return super().__call__(*args, **kwargs)
-        vars(request).update(
-            dedup_lease=lease, dedup_fence=lease.token, dedup_key=plan.key
-        )
-        backend.leases.watch(lease)
-        ended = "failure"
-        try:
-            result = super().__call__(*args, **kwargs)
-            if not lease.valid:
-                reason = lease.lost_reason or "lost"
-                lease.lose(reason)  # logs and signals, unless the heartbeat did
-                raise LockLostError(plan.key, task_id, reason)
-            ended = "success"
-            return result
-        except Retry:
-            ended = "retry"  # the retry's message keeps the claim
-            raise
-        except Reject as exc:
-            ended = "retry" if getattr(exc, "requeue", False) else "failure"
-            raise
-        finally:
-            backend.leases.unwatch(lease)
-            self._release(backend, plan, lease, task_id, ended)
 
-    def _execution_plan(
-        self, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> _Plan:
-        stamp = stamp_of(request)
-        if stamp is not None:
-            opts = self._dedup_options(_overrides(stamp))
-            plan = _Plan(stamp["key"], bool(stamp.get("claim")), opts)
-            plan.duplicate_of = stamp.get("duplicate_of")
-            return plan
-        # Published by code without celery-dedup: no claim was taken. An
-        # idempotency key (until_expired) is then claimed here, at execution.
-        opts = self._dedup_options({})
-        plan = _Plan(self._dedup_key(opts, args, kwargs), False, opts)
-        plan.claim_here = opts.lock == "until_expired"
-        return plan
+        def body() -> Any:
+            return super(DedupTask, self).__call__(*args, **kwargs)
 
-    def _acquire(
-        self, backend: Backend, plan: _Plan, task_id: str
-    ) -> leases.Lease | None:
-        """Take the lease, or end this delivery as the conflict rule says."""
-        names = (
-            backend.key(plan.key, "lease"),
-            backend.key(plan.key, "fence"),
-            backend.key(plan.key, f"done:{task_id}"),
-            backend.key(plan.key, "claim"),
-        )
-        thread = None
-        if threading.current_thread() is not threading.main_thread():
-            thread = threading.get_ident()
-        member = leases.member(task_id, self.request.hostname, os.getpid(), thread)
-        if plan.duplicate_of is not None:
-            # Its publisher found the key claimed but could not stop the
-            # publish (a signal receiver cannot): it ends here, unrun. The
-            # publisher already logged and signalled it.
-            logger.debug(
-                "Dropped %s[%s], published as a duplicate of %s",
-                self.name,
-                task_id,
-                plan.duplicate_of,
-                extra=_extra(self.name, plan.key, task_id),
-            )
-            raise Ignore()
-        asked_at = time.monotonic()
-        try:
-            outcome = backend.leases.acquire(
-                names,
-                member,
-                plan.lock_ttl,
-                plan.max_running,
-                # Tokens start from Redis time in us, so the counter needs to
-                # outlive a lease only to order acquisitions within one us.
-                max(backend.config.done_ttl, 3 * plan.lock_ttl),
-                release_claim=plan.lock in _RELEASE_AT_START,
-                claim_ttl=plan.ttl if plan.claim_here else 0,
-            )
-        except redis.RedisError as exc:
-            if backend.config.on_redis_error == "raise":
-                # Not lost and not run unguarded: again later, when Redis is back.
-                self._reschedule(
-                    plan.key, min(plan.lock_ttl, 5.0), f"Redis unavailable: {exc!r}"
-                )
-            self._redis_down(backend, "the execution lease", exc, plan.key, task_id)
-            return None
-        if outcome.status == leases.ACQUIRED:
-            plan.has_claim = plan.has_claim or outcome.took_claim
-            lease = leases.Lease(
-                plan.key,
-                names[0],
-                member,
-                outcome.token,
-                plan.lock_ttl,
-                asked_at,
-                self.name,
-            )
-            logger.debug(
-                "Lease on %s taken by %s[%s], fence %s",
-                plan.key,
-                self.name,
-                task_id,
-                outcome.token,
-                extra=_extra(self.name, plan.key, task_id),
-            )
-            signals.lease_acquired.send(
-                sender=self.name, key=plan.key, task_id=task_id, token=outcome.token
-            )
-            return lease
-        if outcome.status == leases.DONE:
-            # A copy of a task that already succeeded: ack it, run nothing.
-            _log_duplicate(self.name, plan.key, task_id, task_id, "execution")
-            if plan.has_claim:
-                self._release_claim(backend, plan.key, task_id)
-            raise Ignore()
-        if outcome.status == leases.SAME_TASK:
-            # Another delivery of this very task runs: it may die, and then this
-            # copy is the only one left. Never drop it.
-            self._reschedule(
-                plan.key, _poll(plan, outcome), "another delivery of it runs"
-            )
-        return self._conflict(backend, plan, task_id, outcome)
+        return execution.run(self, request, body)
 
-    def _conflict(
-        self, backend: Backend, plan: _Plan, task_id: str, outcome: leases.Outcome
-    ) -> leases.Lease:
-        """Another task id holds the key at execution: drop, raise or reschedule."""
-        rule = plan.on_conflict
-        if plan.lock == "until_and_while_executing" and rule == "skip":
-            rule = "reschedule"  # the one queued behind the running one must run
-        if outcome.status == leases.CLAIMED and rule == "reschedule":
-            rule = "skip"  # the idempotency key holds for its whole window
-        if rule == "reschedule":
-            self._reschedule(
-                plan.key, _poll(plan, outcome), f"task {outcome.holder} holds the key"
-            )
-        _log_duplicate(self.name, plan.key, task_id, outcome.holder, "execution")
-        if plan.has_claim:
-            self._release_claim(backend, plan.key, task_id)
-        if rule == "raise":
-            raise DuplicateTaskError(plan.key, outcome.holder, self.name)
-        raise Ignore()
-
-    def _reschedule(self, key: str, countdown: float, why: str) -> None:
-        """Publish this message again after ``countdown`` s; end this delivery.
-
-        Not a retry: it does not count against ``max_retries``. The countdown
-        stays under the broker's visibility timeout, so that the waiting copy
-        is not itself redelivered.
-        """
+    def on_replace(self, sig: Any) -> Any:
+        """``self.replace(sig)``: if ``sig`` is this task with the same key,
+        the claim passes to it (it runs under this task id); else this key is
+        freed as for a body that ended."""
         request = self.request
-        countdown = min(max(countdown, 0.1), visibility_timeout(self.app) / 2)
-        logger.info(
-            "Rescheduled %s[%s] in %.1fs: %s",
-            self.name,
-            request.id,
-            countdown,
-            why,
-            extra=_extra(self.name, key, request.id),
-        )
-        try:
-            self.signature_from_request(
-                request, countdown=countdown, retries=request.retries
-            ).apply_async()
-        except Exception as exc:
-            # The broker is unreachable too: hand the message back unacked if
-            # it still can be (acks_late), else fail loudly. Never drop it.
-            if self.acks_late:
-                raise Reject(exc, requeue=True) from exc
-            raise
-        raise Ignore()
-
-    def _release(
-        self,
-        backend: Backend,
-        plan: _Plan,
-        lease: leases.Lease,
-        task_id: str,
-        ended: str,
-    ) -> None:
-        """Give the lease back; free the claim and remember success as ``ended``
-        ("success", "retry" or "failure") and the lock mode say."""
-        free_claim = plan.has_claim and (
-            plan.lock in _RELEASE_AT_END
-            or (plan.lock == "until_expired" and ended == "failure")
-        )
-        if ended == "retry":
-            free_claim = False
-        names = (
-            lease.redis_key,
-            backend.key(plan.key, "claim"),
-            backend.key(plan.key, f"done:{task_id}"),
-        )
-        done_ttl = backend.config.done_ttl if ended == "success" else 0
-
-        def release() -> object:
-            return backend.leases.release(
-                names, lease.member, task_id, free_claim, done_ttl
-            )
-
-        try:
-            held = bool(release())
-        except redis.RedisError:
-            logger.warning(
-                "Could not release the lease of %s[%s]; retrying in the background",
-                self.name,
-                task_id,
-                exc_info=True,
-                extra=_extra(self.name, plan.key, task_id),
-            )
-            # Until the claim would expire: nothing stays held once Redis is back.
-            ttl = max(plan.lock_ttl, plan.ttl if free_claim else 0)
-            backend.leases.later(release, time.monotonic() + ttl)
-            return
-        logger.debug(
-            "Lease on %s released by %s[%s] (%s)",
-            plan.key,
-            self.name,
-            task_id,
-            ended,
-            extra=_extra(self.name, plan.key, task_id),
-        )
-        signals.lease_released.send(
-            sender=self.name, key=plan.key, task_id=task_id, held=held, outcome=ended
-        )
-
-
-class _Plan:
-    """How one delivery runs: its key, whether it holds a claim, its options."""
-
-    __slots__ = (
-        "claim_here",
-        "duplicate_of",
-        "has_claim",
-        "key",
-        "lock",
-        "lock_ttl",
-        "max_running",
-        "on_conflict",
-        "ttl",
-    )
-
-    def __init__(self, key: str, has_claim: bool, opts: TaskOptions) -> None:
-        self.key = key
-        self.has_claim = has_claim
-        self.claim_here = False
-        self.duplicate_of: str | None = None
-        self.lock = opts.lock
-        self.on_conflict = opts.on_conflict
-        self.lock_ttl = opts.lock_ttl
-        self.max_running = opts.max_running
-        self.ttl = opts.ttl
+        key = getattr(request, "dedup_key", None)
+        if key is not None and isinstance(sig, Signature) and sig.task == self.name:
+            try:
+                same = self.dedup_key_for(tuple(sig.args), dict(sig.kwargs)) == key
+            except Exception:
+                same = False
+            vars(request)["dedup_handed_over"] = same
+        return super().on_replace(sig)
 
 
 _METHODS: Final = frozenset(
     name for name in vars(DedupTask) if name.startswith("dedup_")
 ) - set(TASK_OPTIONS)
-
-
-def stamp_of(request: Any) -> Mapping[str, Any] | None:
-    """The dedup header of a task's request context, if it carries one."""
-    stamp = getattr(request, HEADER, None)  # headers are attributes too
-    if stamp is None:
-        stamp = (getattr(request, "headers", None) or {}).get(HEADER)
-    return stamp if isinstance(stamp, Mapping) else None
-
-
-def _overrides(stamp: Mapping[str, Any]) -> dict[str, Any]:
-    call = dict(stamp.get("options") or {})
-    call["dedup_lock"] = stamp.get("lock")
-    return call
-
-
-def _extra(task_name: str, key: str | None, task_id: str | None) -> dict[str, Any]:
-    """The ``extra`` fields of every log line about a decision."""
-    return {"task_name": task_name, "dedup_key": key, "task_id": task_id}
-
-
-def _log_duplicate(
-    name: str, key: str, task_id: str | None, holder: str | None, stage: str
-) -> None:
-    logger.info(
-        "Deduplicated %s at %s: key %s is held by task %s",
-        name,
-        stage,
-        key,
-        holder,
-        extra={**_extra(name, key, task_id), "stage": stage},
-    )
-    signals.task_deduplicated.send(
-        sender=name, key=key, task_id=task_id, existing_task_id=holder, stage=stage
-    )
-
-
-def _poll(plan: _Plan, outcome: leases.Outcome) -> float:
-    """When to look again: when the holder's lease ends (it may have crashed),
-    or sooner, every tenth of the lease TTL, as a live holder may end early."""
-    return min(outcome.wait, max(0.5, plan.lock_ttl / 10))
 
 
 def _call_options(options: dict[str, Any], where: str) -> dict[str, Any]:
@@ -646,6 +381,8 @@ def current_fence() -> tuple[str, int] | None:
 
     Tokens are integers (up to 2**53), strictly increasing per key; the outbox
     uses them to reject a write from an execution that a newer one replaced.
+    None outside a leased body, and for a key with ``dedup_max_running`` > 1,
+    where tokens do not order writes.
     """
     task = current_task
     if task is None or not isinstance(task, DedupTask):

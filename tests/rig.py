@@ -267,6 +267,18 @@ class Beat:
         self.process = None
 
 
+def dropped_onto(result: Any, timeout: float = 10) -> str | None:
+    """The task id a delivery dropped as a duplicate names in its result
+    (a FAILURE with DuplicateTaskError); None if it ended otherwise."""
+    from celery_dedup import DuplicateTaskError
+
+    wait_for(result.ready, timeout, f"{result.id} to end")
+    error = result.result
+    if result.state != "FAILURE" or not isinstance(error, DuplicateTaskError):
+        return None
+    return error.existing_task_id
+
+
 #: What ``held`` answers for a key nobody holds.
 FREE = {"claim": None, "lease": 0}
 

@@ -156,7 +156,7 @@ def redis_errors(app: Celery) -> Iterator[None]:
 def find_keys(inspector: Inspector, target: str) -> tuple[str, list[KeyState]]:
     """``("key", [state])`` when ``target`` names a stored dedup key (its 32
     hex digits, or one of its Redis key names), else ``("task", states)``."""
-    parsed = inspection.parse_redis_key(inspector.prefix, target)
+    parsed = inspector.layout.parse(target)
     key = parsed[0] if parsed else target
     if parsed or inspection.KEY_PATTERN.match(key):
         state = inspector.key(key)

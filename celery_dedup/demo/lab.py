@@ -21,6 +21,7 @@ import kombu
 import redis
 from celery import Task
 
+from ..store import HELD_PARTS, Layout
 from . import app, record
 from .processes import DemoError, Processes
 from .progress import Progress
@@ -72,11 +73,11 @@ class Lab:
 
     def held_keys(self) -> int:
         """Dedup claim and lease keys in Redis now (SCAN, never KEYS)."""
-        prefix = self.settings.key_prefix
+        layout = Layout(self.settings.key_prefix)
         return sum(
             1
-            for part in ("claim", "lease")
-            for _ in self.redis.scan_iter(match=f"{prefix}:*:{part}", count=500)
+            for name in self.redis.scan_iter(match=layout.pattern(), count=500)
+            if (parsed := layout.parse(name)) and parsed[1] in HELD_PARTS
         )
 
     def queue_length(self) -> int:

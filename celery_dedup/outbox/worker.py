@@ -1,9 +1,9 @@
 """The in-worker relay: a thread in the worker's main process.
 
 With ``dedup_outbox_relay = True``, a relay thread starts when the worker is
-ready and stops (finishing its pass) at worker shutdown. The receivers are
-connected when this module is imported, which ``import celery_dedup`` does;
-they import SQLAlchemy only for an app that turned the setting on.
+ready and stops (finishing its pass) at worker shutdown. Its receivers are
+connected by :func:`celery_dedup.wiring.connect`; they import SQLAlchemy only
+for an app that turned the setting on.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 from typing import TYPE_CHECKING, Any, Final
-
-from celery.signals import worker_ready, worker_shutdown
 
 from ..config import get_config
 
@@ -68,8 +66,8 @@ def stop_relay(app: Celery, timeout: float = _STOP_TIMEOUT) -> None:
     logger.info("Outbox relay stopped", extra={"outbox_table": relay.outbox.table_name})
 
 
-@worker_ready.connect(weak=False, dispatch_uid="celery_dedup.outbox.start_relay")
-def _on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
+def on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
+    """``worker_ready``: start the in-worker relay if ``dedup_outbox_relay``."""
     app = getattr(sender, "app", None)
     if app is None:
         return
@@ -82,8 +80,8 @@ def _on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
         )
 
 
-@worker_shutdown.connect(weak=False, dispatch_uid="celery_dedup.outbox.stop_relay")
-def _on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
+def on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
+    """``worker_shutdown``: stop the in-worker relay."""
     app = getattr(sender, "app", None)
     if app is not None:
         stop_relay(app)

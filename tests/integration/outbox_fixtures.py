@@ -1,15 +1,20 @@
 """Databases and a broker for the outbox tests.
 
-SQLite lives in the test's tmp_path; PostgreSQL and MariaDB come from
-``DEDUP_TEST_POSTGRES_URL`` and ``DEDUP_TEST_MYSQL_URL``. Every test gets its
-own table names (so parallel runs and leftovers never collide), dropped after.
-A server that cannot be reached skips its tests, unless ``CI`` is set.
+Every database test runs once per driver: SQLite (sqlite3) in the test's
+tmp_path; PostgreSQL through psycopg2 (``DEDUP_TEST_POSTGRES_URL``) and
+through psycopg 3 (``DEDUP_TEST_PSYCOPG_URL``, by default the same server as
+``postgresql+psycopg``); MariaDB through PyMySQL (``DEDUP_TEST_MYSQL_URL``).
+Every test gets its own table names (so parallel runs and leftovers never
+collide), dropped after. A server that cannot be reached skips its tests,
+unless ``CI`` is set. The psycopg 3 runs are skipped, with the reason, under
+SQLAlchemy 1.4, which has no psycopg 3 dialect.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import os
 import uuid
 from collections.abc import Iterator
@@ -20,6 +25,7 @@ import kombu
 import pytest
 import redis
 import sqlalchemy as sa
+from sqlalchemy.dialects import registry
 
 from celery_dedup.outbox import Outbox
 from tests.apps.outbox_workers import business_table
@@ -28,16 +34,50 @@ from tests.rig import RedisServer
 POSTGRES_URL = os.environ.get(
     "DEDUP_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 )
+PSYCOPG_URL = os.environ.get(
+    "DEDUP_TEST_PSYCOPG_URL",
+    sa.engine.make_url(POSTGRES_URL)
+    .set(drivername="postgresql+psycopg")
+    .render_as_string(hide_password=False),
+)
 MYSQL_URL = os.environ.get(
     "DEDUP_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"
 )
-SERVERS = ("postgresql", "mysql")
+#: The parameter of the psycopg 3 runs (the psycopg2 ones are "postgresql").
+PSYCOPG = "postgresql+psycopg"
+
+
+def psycopg_unavailable() -> str | None:
+    """Why the psycopg 3 runs cannot happen here, or None if they can."""
+    try:
+        registry.load("postgresql.psycopg")
+    except sa.exc.NoSuchModuleError:
+        return (
+            f"SQLAlchemy {sa.__version__} has no postgresql+psycopg (psycopg 3) "
+            "dialect; it came with SQLAlchemy 2.0"
+        )
+    if importlib.util.find_spec("psycopg") is None and not os.environ.get("CI"):
+        return "psycopg 3 is not installed (pip install 'psycopg[binary]')"
+    return None
+
+
+def _psycopg_param() -> Any:
+    reason = psycopg_unavailable()
+    marks = [pytest.mark.skip(reason=reason)] if reason else []
+    return pytest.param(PSYCOPG, id=PSYCOPG, marks=marks)
+
+
+#: PostgreSQL through psycopg2, then through psycopg 3.
+POSTGRES_DRIVERS = ("postgresql", _psycopg_param())
+SERVERS = (*POSTGRES_DRIVERS, "mysql")
 
 
 def database_url(dialect: str, tmp_path: Path) -> str:
     if dialect == "sqlite":
         return f"sqlite:///{tmp_path / 'outbox.db'}"
-    return {"postgresql": POSTGRES_URL, "mysql": MYSQL_URL}[dialect]
+    return {"postgresql": POSTGRES_URL, PSYCOPG: PSYCOPG_URL, "mysql": MYSQL_URL}[
+        dialect
+    ]
 
 
 def unique_table() -> str:
@@ -48,6 +88,8 @@ def unique_table() -> str:
 class Database:
     """One database with a fresh outbox and a business table in it."""
 
+    #: The fixture parameter: sqlite, postgresql (psycopg2),
+    #: postgresql+psycopg (psycopg 3) or mysql.
     dialect: str
     url: str
     engine: sa.engine.Engine
@@ -105,22 +147,29 @@ def sqlite_db(tmp_path: Path) -> Iterator[Database]:
 
 @pytest.fixture(params=SERVERS)
 def server_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    """PostgreSQL, then MariaDB."""
+    """PostgreSQL (psycopg2, then psycopg 3), then MariaDB."""
     with open_database(request.param, tmp_path) as db:
         yield db
 
 
 @pytest.fixture(params=("sqlite", *SERVERS))
 def any_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    """SQLite, PostgreSQL, then MariaDB."""
+    """SQLite, PostgreSQL (psycopg2, then psycopg 3), then MariaDB."""
     with open_database(request.param, tmp_path) as db:
         yield db
 
 
-@pytest.fixture
-def postgres_db(tmp_path: Path) -> Iterator[Database]:
-    with open_database("postgresql", tmp_path) as db:
+@pytest.fixture(params=POSTGRES_DRIVERS)
+def postgres_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """PostgreSQL through psycopg2, then through psycopg 3."""
+    with open_database(request.param, tmp_path) as db:
         yield db
+
+
+@pytest.fixture(params=POSTGRES_DRIVERS)
+def postgres_url(request: pytest.FixtureRequest) -> str:
+    """The PostgreSQL URL of psycopg2, then of psycopg 3 (for worker processes)."""
+    return {"postgresql": POSTGRES_URL, PSYCOPG: PSYCOPG_URL}[request.param]
 
 
 class EventQueue:

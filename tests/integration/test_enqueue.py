@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 def claim_holder(app: Celery, key: str) -> str | None:
     backend = get_backend(app)
-    value = backend.redis.get(backend.key(key, "claim"))
+    value = backend.redis.get(backend.store.names(key).claim)
     return value.decode() if value else None
 
 
@@ -253,14 +253,12 @@ def test_until_executing_frees_the_key_when_the_body_starts(
     assert third.deduplicated
     assert third.id == second.id
     assert first.get(timeout=20) == 9
-    # but the lease keeps it from running beside the first: it was dropped
-    wait_for(
-        lambda: (
-            len(recorder.started("close_campaign")) == 1 and second.state == "PENDING"
-        ),
-        5,
-        "the second to be dropped",
-    )
+    # but the lease keeps it from running beside the first: it was dropped,
+    # and its result says onto which task
+    wait_for(lambda: second.state == "FAILURE", 5, "the second to be dropped")
+    assert isinstance(second.result, DuplicateTaskError)
+    assert second.result.existing_task_id == first.id
+    assert len(recorder.started("close_campaign")) == 1
     assert [r["task_id"] for r in recorder.runs("close_campaign")] == [first.id]
 
 
@@ -345,8 +343,9 @@ def test_only_the_holder_releases_a_claim(
     task = scenario_app.close_campaign
     result = task.apply_async((13,), queue=queue)
     backend = get_backend(scenario_app.app)
-    name = backend.key(task.dedup_key_for((13,)), "claim")
-    assert not backend.claims.release(name, "some-late-finisher")
+    key = task.dedup_key_for((13,))
+    name = backend.store.names(key).claim
+    assert not backend.store.release_claim(key, "some-late-finisher")
     assert redis_client.get(name) == result.id.encode()
-    assert backend.claims.release(name, result.id)
+    assert backend.store.release_claim(key, result.id)
     assert redis_client.get(name) is None

@@ -11,7 +11,16 @@ import pytest
 import redis
 
 from celery_dedup import LockLostError
-from tests.rig import FREE, Recorder, RedisServer, Worker, held, max_overlap, wait_for
+from tests.rig import (
+    FREE,
+    Recorder,
+    RedisServer,
+    Worker,
+    dropped_onto,
+    held,
+    max_overlap,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +44,8 @@ def test_a_body_longer_than_three_lease_ttls_keeps_its_lease(
     assert [s["task_id"] for s in started] == [first.id]  # no second body
     (run,) = recorder.runs("close_campaign")
     assert run["lease_valid"] is True
-    assert all(o.state == "PENDING" for o in others)  # dropped at execution
+    # dropped at execution, each with a result naming the task it duplicated
+    assert all(dropped_onto(o) == first.id for o in others)
 
 
 def test_max_running_two_never_runs_three(

@@ -2,75 +2,75 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 import redis
 
 from celery_dedup import lease as leases
-from celery_dedup.keys import redis_key
+from celery_dedup.model import LeaseStatus
+from celery_dedup.store import Acquired, Store
+from tests.rig import wait_for
 
 pytestmark = pytest.mark.integration
 
+ACQUIRED, DONE, SAME_TASK, BUSY = (
+    LeaseStatus.ACQUIRED,
+    LeaseStatus.DONE,
+    LeaseStatus.SAME_TASK,
+    LeaseStatus.BUSY,
+)
+
 
 @pytest.fixture
-def scripts(redis_client: redis.Redis) -> leases.Leases:
-    return leases.Leases(redis_client, redis_client)
-
-
-def names(key: str, task_id: str) -> tuple[str, str, str, str]:
-    return (
-        redis_key("dedup", key, "lease"),
-        redis_key("dedup", key, "fence"),
-        redis_key("dedup", key, f"done:{task_id}"),
-        redis_key("dedup", key, "claim"),
-    )
+def scripts(redis_client: redis.Redis) -> Store:
+    return Store(redis_client, "dedup")
 
 
 def acquire(
-    scripts: leases.Leases,
+    scripts: Store,
     task_id: str,
     *,
     key: str = "k",
     ttl: float = 10,
     max_running: int = 1,
     member: str | None = None,
-) -> leases.Outcome:
+    free_claim: bool = False,
+) -> Acquired:
     return scripts.acquire(
-        names(key, task_id),
+        key,
         member or leases.member(task_id, "h", 1, None),
-        ttl,
-        max_running,
-        60,
-        False,
+        task_id,
+        ttl=ttl,
+        max_running=max_running,
+        fence_ttl=60,
+        free_claim=free_claim,
     )
 
 
-def release(
-    scripts: leases.Leases, task_id: str, *, key: str = "k", done: float = 0
-) -> bool:
-    lease_set, _, done_key, claim = names(key, task_id)
+def release(scripts: Store, task_id: str, *, key: str = "k", done: float = 0) -> bool:
     return scripts.release(
-        (lease_set, claim, done_key),
+        key,
         leases.member(task_id, "h", 1, None),
         task_id,
-        True,
-        done,
+        free_claim=True,
+        done_ttl=done,
     )
 
 
 def test_tokens_strictly_increase_across_expiry_and_a_lost_counter(
-    scripts: leases.Leases, redis_client: redis.Redis
+    scripts: Store, redis_client: redis.Redis
 ) -> None:
     tokens = []
     first = acquire(scripts, "a", ttl=0.05)
     tokens.append(first.token)
     time.sleep(0.1)  # the lease expires unreleased
     second = acquire(scripts, "b")
-    assert second.status == leases.ACQUIRED
+    assert second.status == ACQUIRED
     tokens.append(second.token)
     release(scripts, "b")
-    redis_client.delete(redis_key("dedup", "k", "fence"))  # a restart lost it
+    redis_client.delete(scripts.names("k").fence)  # a restart lost it
     tokens.append(acquire(scripts, "c").token)
     release(scripts, "c")
     tokens += [acquire(scripts, t).token for t in ("d",)]
@@ -78,85 +78,83 @@ def test_tokens_strictly_increase_across_expiry_and_a_lost_counter(
     assert all(isinstance(t, int) and t < 2**53 for t in tokens)
 
 
-def test_one_holder_at_a_time_and_the_holder_is_named(scripts: leases.Leases) -> None:
-    assert acquire(scripts, "a").status == leases.ACQUIRED
+def test_one_holder_at_a_time_and_the_holder_is_named(scripts: Store) -> None:
+    assert acquire(scripts, "a").status == ACQUIRED
     busy = acquire(scripts, "b")
-    assert busy.status == leases.BUSY
+    assert busy.status == BUSY
     assert busy.holder == "a"
     assert 9 < busy.wait <= 10
     assert release(scripts, "a")
-    assert acquire(scripts, "b").status == leases.ACQUIRED
+    assert acquire(scripts, "b").status == ACQUIRED
 
 
-def test_max_running_admits_that_many(scripts: leases.Leases) -> None:
+def test_max_running_admits_that_many(scripts: Store) -> None:
     got = [acquire(scripts, t, max_running=2).status for t in "abc"]
-    assert got == [leases.ACQUIRED, leases.ACQUIRED, leases.BUSY]
+    assert got == [ACQUIRED, ACQUIRED, BUSY]
 
 
 def test_another_delivery_of_the_same_task_is_told_apart(
-    scripts: leases.Leases,
+    scripts: Store,
 ) -> None:
     first = leases.member("a", "h", 1, None)
     assert acquire(scripts, "a", member=first, max_running=5).status == 1
     same = acquire(scripts, "a", member=leases.member("a", "h", 2, 7), max_running=5)
-    assert same.status == leases.SAME_TASK
+    assert same.status == SAME_TASK
     assert same.holder == "a"
     # task ids may hold the separator: "a|h" is not a delivery of "a"
     other = acquire(
         scripts, "a|h", member=leases.member("a|h", "h", 3, None), max_running=5
     )
-    assert other.status == leases.ACQUIRED
+    assert other.status == ACQUIRED
 
 
 def test_completion_is_remembered_only_for_a_held_lease(
-    scripts: leases.Leases,
+    scripts: Store,
 ) -> None:
     acquire(scripts, "a")
     assert release(scripts, "a", done=60)
-    assert acquire(scripts, "a").status == leases.DONE
+    assert acquire(scripts, "a").status == DONE
     # a release by an execution that no longer held the lease records nothing
     assert not release(scripts, "z", done=60)
-    assert acquire(scripts, "z").status == leases.ACQUIRED
+    assert acquire(scripts, "z").status == ACQUIRED
 
 
-def test_release_is_owner_checked(scripts: leases.Leases) -> None:
+def test_release_is_owner_checked(scripts: Store) -> None:
     acquire(scripts, "a")
     assert not release(scripts, "b")
-    assert acquire(scripts, "c").status == leases.BUSY
+    assert acquire(scripts, "c").status == BUSY
 
 
 def test_renewal_replaces_the_ttl_and_fails_for_a_lost_lease(
-    scripts: leases.Leases, redis_client: redis.Redis
+    scripts: Store, redis_client: redis.Redis
 ) -> None:
     outcome = acquire(scripts, "a", ttl=0.3)
     held_by = leases.member("a", "h", 1, None)
-    lease = leases.Lease(
-        "k", names("k", "a")[0], held_by, outcome.token, 5, time.monotonic()
-    )
-    assert scripts.renew(lease)  # now 5 s, not 0.3 + 5
-    score = redis_client.zscore(names("k", "a")[0], held_by)
+    assert outcome.status == ACQUIRED
+    assert scripts.renew("k", held_by, 5)  # now 5 s, not 0.3 + 5
+    score = redis_client.zscore(scripts.names("k").lease, held_by)
     now_ms = int(redis_client.time()[0]) * 1000
     assert score is not None
     assert 3000 < score - now_ms <= 6000
-    redis_client.delete(names("k", "a")[0])
-    assert not scripts.renew(lease)
+    redis_client.delete(scripts.names("k").lease)
+    assert not scripts.renew("k", held_by, 5)
 
 
 def test_acquire_can_free_the_claim_of_its_own_task(
-    scripts: leases.Leases, redis_client: redis.Redis
+    scripts: Store, redis_client: redis.Redis
 ) -> None:
-    claim = redis_key("dedup", "k", "claim")
+    claim = scripts.names("k").claim
     redis_client.set(claim, "a")
-    scripts.acquire(names("k", "a"), leases.member("a", "h", 1, None), 10, 1, 60, True)
+    acquire(scripts, "a", free_claim=True)
     assert redis_client.get(claim) is None
     redis_client.set(claim, "other")
     release(scripts, "a")
-    scripts.acquire(names("k", "b"), leases.member("b", "h", 1, None), 10, 1, 60, True)
+    acquire(scripts, "b", free_claim=True)
     assert redis_client.get(claim) == b"other"
 
 
 def test_the_heartbeat_keeps_a_lease_and_reports_a_lost_one(
-    scripts: leases.Leases, redis_client: redis.Redis
+    scripts: Store, redis_client: redis.Redis
 ) -> None:
     from celery_dedup import signals
 
@@ -169,14 +167,15 @@ def test_the_heartbeat_keeps_a_lease_and_reports_a_lost_one(
     try:
         outcome = acquire(scripts, "a", ttl=0.6)
         held_by = leases.member("a", "h", 1, None)
-        lease = leases.Lease(
-            "k", names("k", "a")[0], held_by, outcome.token, 0.6, time.monotonic()
+        lease = leases.Lease("k", held_by, outcome.token, 0.6, time.monotonic())
+        heartbeat = leases.Heartbeat(
+            lambda held: scripts.renew(held.key, held.member, held.ttl)
         )
-        scripts.watch(lease)
+        heartbeat.watch(lease)
         time.sleep(1.5)  # 2.5 TTLs: kept alive by renewals
         assert lease.valid
-        assert acquire(scripts, "b").status == leases.BUSY
-        redis_client.delete(names("k", "a")[0])  # someone freed it by force
+        assert acquire(scripts, "b").status == BUSY
+        redis_client.delete(scripts.names("k").lease)  # someone freed it by force
         deadline = time.monotonic() + 3
         while lease.valid and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -190,6 +189,79 @@ def test_the_heartbeat_keeps_a_lease_and_reports_a_lost_one(
                 "reason": lost[0]["reason"],
             }
         ]
-        scripts.unwatch(lease)
+        heartbeat.unwatch(lease)
     finally:
         signals.lease_lost.disconnect(on_lost)
+
+
+def test_a_lease_given_back_while_a_renewal_is_in_flight_is_not_lost(
+    scripts: Store,
+) -> None:
+    # Given a renewal that reaches Redis only after the body gave the lease back
+    from celery_dedup import signals
+
+    lost: list[object] = []
+
+    def on_lost(**kwargs: object) -> None:
+        lost.append(kwargs)
+
+    signals.lease_lost.connect(on_lost, weak=False)
+    in_flight, body_done = threading.Event(), threading.Event()
+
+    def renew(held: leases.Lease) -> bool:
+        in_flight.set()
+        body_done.wait(5)
+        return scripts.renew(held.key, held.member, held.ttl)  # finds no member
+
+    try:
+        outcome = acquire(scripts, "a", ttl=0.3)
+        held_by = leases.member("a", "h", 1, None)
+        lease = leases.Lease("k", held_by, outcome.token, 0.3, time.monotonic())
+        heartbeat = leases.Heartbeat(renew)
+        heartbeat.watch(lease)
+        assert in_flight.wait(5)
+        # When the body ends meanwhile: unwatch, then release
+        heartbeat.unwatch(lease)
+        assert release(scripts, "a")
+        body_done.set()
+        time.sleep(0.3)
+        # Then the renewal's "not held" is no loss: the body gave it back
+        assert lost == []
+        assert lease.lost_reason is None or "expired" in lease.lost_reason
+    finally:
+        signals.lease_lost.disconnect(on_lost)
+
+
+def test_deferred_work_runs_off_the_callers_thread_and_is_flushed_at_exit(
+    scripts: Store, redis_client: redis.Redis
+) -> None:
+    heartbeat = leases.Heartbeat(lambda held: True)
+    claim = scripts.names("k").claim
+    redis_client.set(claim, "a")
+    # Given a release that blocks (a slow Redis): the caller does not wait
+    gate = threading.Event()
+    heartbeat.later(
+        lambda: gate.wait(5) and scripts.release_claim("k", "a"),
+        time.monotonic() + 10,
+    )
+    assert redis_client.get(claim) == b"a"  # not done yet, and we are here
+    gate.set()
+    wait_for(lambda: redis_client.get(claim) is None, 5, "the background release")
+    # And a release that failed (Redis down) is still done when the process
+    # exits: flush runs it, retrying until it succeeds
+    redis_client.set(claim, "b")
+    failures = [redis.ConnectionError("down"), redis.ConnectionError("down")]
+
+    def flaky() -> bool:
+        if failures:
+            raise failures.pop()
+        return scripts.release_claim("k", "b")
+
+    heartbeat.later(flaky, time.monotonic() + 60, delay=30)  # not due before exit
+    assert heartbeat.flush(5) == 0
+    assert redis_client.get(claim) is None
+    # A job whose moment never came (a revoke not seen) is dropped, not waited on
+    heartbeat.later(lambda: None, time.monotonic() + 60, ready=lambda: False)
+    started = time.monotonic()
+    assert heartbeat.flush(5) == 0
+    assert time.monotonic() - started < 4  # well inside its 5 s

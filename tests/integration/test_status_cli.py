@@ -234,7 +234,8 @@ def test_release_of_a_key_whose_holder_is_gone(
 def test_release_deletes_only_what_it_read(redis_client: redis.Redis) -> None:
     # Given a key held by a claim and a lease, under a prefix with glob characters
     inspector = Inspector(redis_client, "app[1]*")
-    claim, lease, fence = (inspector.name("k1", p) for p in ("claim", "lease", "fence"))
+    names = inspector.store.names("k1")
+    claim, lease, fence = names.claim, names.lease, names.fence
     holder = member("t1", "w1@h", 11, None)
     redis_client.set(claim, "t1", px=60_000)
     redis_client.zadd(lease, {holder: int(redis_client.time()[0]) * 1000 + 60_000})

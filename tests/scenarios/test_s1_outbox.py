@@ -15,23 +15,28 @@ import sqlalchemy as sa
 
 from celery_dedup.outbox import Outbox, Relay
 from tests.apps.scenario_app import winners_table
-from tests.integration.outbox_fixtures import POSTGRES_URL, EventQueue, unique_table
+from tests.integration import outbox_fixtures
+from tests.integration.outbox_fixtures import EventQueue, unique_table
 from tests.rig import Recorder, RedisServer, Worker, max_overlap, wait_for
 from tests.scenarios.test_s1_duplicate_burst import burst
 
 pytestmark = [pytest.mark.scenario, pytest.mark.outbox]
+postgres_url = outbox_fixtures.postgres_url
 
 TASK = "tests.apps.scenario_app.find_winners"
 
 
 @pytest.fixture
-def outbox(scenario_app: Any, redis_server: RedisServer) -> Iterator[Outbox]:
+def outbox(
+    scenario_app: Any, redis_server: RedisServer, postgres_url: str
+) -> Iterator[Outbox]:
+    """A fresh outbox on PostgreSQL, through psycopg2, then through psycopg 3."""
     table = unique_table()
-    outbox = Outbox(POSTGRES_URL, table_name=table)
+    outbox = Outbox(postgres_url, table_name=table)
     winners_table(outbox.metadata, table)
     outbox.metadata.create_all(outbox.engine)
     scenario_app.configure(
-        redis_server.url(), dedup_outbox_url=POSTGRES_URL, dedup_outbox_table=table
+        redis_server.url(), dedup_outbox_url=postgres_url, dedup_outbox_table=table
     )
     yield outbox
     outbox.metadata.drop_all(outbox.engine)
@@ -46,8 +51,9 @@ def test_thirty_enqueues_one_event_one_message(
     workers: Callable[..., Worker],
     recorder: Recorder,
     queue: str,
+    postgres_url: str,
 ) -> None:
-    conf = {"dedup_outbox_url": POSTGRES_URL, "dedup_outbox_table": outbox.table_name}
+    conf = {"dedup_outbox_url": postgres_url, "dedup_outbox_table": outbox.table_name}
     workers(concurrency=3, conf=conf)
     workers(concurrency=3, conf=conf)
     events = EventQueue(redis_server.url(), f"events.{queue}")

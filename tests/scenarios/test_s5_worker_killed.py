@@ -51,7 +51,7 @@ def test_the_task_survives_and_the_key_is_free_again(
     # and nothing of the key is held afterwards: a new call is accepted
     backend = get_backend(scenario_app.app)
     key = task.dedup_key_for((5, 4.0))
-    assert redis_client.zcard(backend.key(key, "lease")) == 0
+    assert redis_client.zcard(backend.store.names(key).lease) == 0
     again = task.apply_async((5, 4.0), queue=queue, dedup_lock_ttl=LOCK_TTL)
     assert not again.deduplicated
     assert again.get(timeout=30) == 5

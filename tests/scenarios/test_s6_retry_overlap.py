@@ -49,5 +49,5 @@ def test_retries_never_overlap_and_none_is_dropped(
     assert max_overlap(runs) == 1
     # and the key is free after the success
     backend = get_backend(scenario_app.app)
-    claim = backend.key(flaky.dedup_key_for(args), "claim")
+    claim = backend.store.names(flaky.dedup_key_for(args)).claim
     wait_for(lambda: backend.redis.get(claim) is None, 5, "the claim's release")

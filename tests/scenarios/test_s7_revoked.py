@@ -22,7 +22,7 @@ def test_revoking_a_queued_task_frees_its_key(
 ) -> None:
     task = scenario_app.close_campaign
     backend = get_backend(scenario_app.app)
-    claim = backend.key(task.dedup_key_for((71, 0.1)), "claim")
+    claim = backend.store.names(task.dedup_key_for((71, 0.1))).claim
     # Given a busy worker, and a task queued behind the running one
     workers(concurrency=1)
     busy = task.apply_async((70, 3.0), queue=queue)

@@ -20,22 +20,25 @@ import sqlalchemy as sa
 from celery_dedup import LockLostError
 from celery_dedup.outbox import Outbox
 from tests.apps.scenario_app import winners_table
-from tests.integration.outbox_fixtures import POSTGRES_URL, unique_table
+from tests.integration import outbox_fixtures
+from tests.integration.outbox_fixtures import unique_table
 from tests.rig import Recorder, RedisServer, Worker, wait_for
 
 pytestmark = [pytest.mark.scenario, pytest.mark.outbox]
+postgres_url = outbox_fixtures.postgres_url
 
 
 @pytest.fixture
 def outbox_conf(
-    scenario_app: Any, redis_server: RedisServer
+    scenario_app: Any, redis_server: RedisServer, postgres_url: str
 ) -> Iterator[dict[str, str]]:
-    """A fresh outbox (and winners table) on PostgreSQL for the app and workers."""
+    """A fresh outbox (and winners table) on PostgreSQL for the app and workers,
+    through psycopg2, then through psycopg 3."""
     table = unique_table()
-    outbox = Outbox(POSTGRES_URL, table_name=table)
+    outbox = Outbox(postgres_url, table_name=table)
     winners_table(outbox.metadata, table)
     outbox.metadata.create_all(outbox.engine)
-    conf = {"dedup_outbox_url": POSTGRES_URL, "dedup_outbox_table": table}
+    conf = {"dedup_outbox_url": postgres_url, "dedup_outbox_table": table}
     scenario_app.configure(redis_server.url(), **conf)
     yield conf
     outbox.metadata.drop_all(outbox.engine)

@@ -7,6 +7,7 @@ import pytest
 from celery_dedup import inspection
 from celery_dedup.inspection import Claim, Holder, KeyState, TaskInfo
 from celery_dedup.lease import member
+from celery_dedup.store import Layout, glob_escape
 
 NOW = 1_700_000_000_000  # ms of Redis time
 
@@ -42,20 +43,20 @@ def test_a_member_in_another_form_is_all_task_id(text: str) -> None:
 
 
 def test_redis_key_names_are_parsed_under_their_prefix_only() -> None:
-    assert inspection.parse_redis_key("dedup", b"dedup:{ab12}:claim") == (
+    assert Layout("dedup").parse(b"dedup:{ab12}:claim") == (
         "ab12",
         "claim",
     )
-    assert inspection.parse_redis_key("dedup", "dedup:{ab12}:done:t-1") == (
+    assert Layout("dedup").parse("dedup:{ab12}:done:t-1") == (
         "ab12",
         "done:t-1",
     )
-    assert inspection.parse_redis_key("dedup", "other:{ab12}:claim") is None
-    assert inspection.parse_redis_key("a.b", "axb:{ab12}:claim") is None
+    assert Layout("dedup").parse("other:{ab12}:claim") is None
+    assert Layout("a.b").parse("axb:{ab12}:claim") is None
 
 
 def test_glob_characters_are_escaped() -> None:
-    assert inspection.glob_escape(r"a*b?[c]\d") == r"a\*b\?\[c\]\\d"
+    assert glob_escape(r"a*b?[c]\d") == r"a\*b\?\[c\]\\d"
 
 
 def test_only_a_lease_pushed_forward_or_new_counts_as_renewed() -> None:

@@ -32,7 +32,7 @@ def test_annotations_survive_adoption() -> None:
     task = app.tasks["x.vendor"]
     assert isinstance(task, DedupTask)
     assert isinstance(task, VendorTask)
-    assert task._dedup_options({}).lock == "until_expired"
+    assert task.dedup_options().lock == "until_expired"
 
 
 def test_a_bad_annotation_is_named_at_adoption() -> None:

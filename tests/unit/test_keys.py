@@ -7,13 +7,15 @@ import decimal
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from typing import Any
 
 import pytest
 
 from celery_dedup import ConfigurationError
-from celery_dedup.keys import make_key, redis_key, task_signature
+from celery_dedup.keys import make_key, task_signature
+from celery_dedup.store import Layout
 
 
 def job(campaign_id: int, region: str = "eu", *, dry_run: bool = False) -> None: ...
@@ -70,15 +72,33 @@ def test_an_unknown_argument_name_is_named() -> None:
         key(1, spec=("campaign",))
 
 
-def test_an_argument_that_cannot_be_serialised_is_named() -> None:
+def test_an_argument_that_cannot_be_serialised_nor_pickled_is_named() -> None:
     with pytest.raises(ConfigurationError) as caught:
-        key(object())
+        key(threading.Lock())
     assert caught.value.setting == "argument 'campaign_id'"
+    assert "nor pickle it" in caught.value.message
+
+
+def test_other_values_are_keyed_by_their_pickle() -> None:
+    # A task with the pickle serializer may take exceptions and objects.
+    assert key(ValueError("x")) == key(ValueError("x"))
+    assert key(ValueError("x")) != key(ValueError("y"))
+    assert key(ValueError("x")) != key(KeyError("x"))
+    assert key(ValueError("x")) != key("ValueError('x')")
 
 
 def test_wrong_arguments_are_a_type_error() -> None:
     with pytest.raises(TypeError, match=r"proj\.job"):
         key(1, 2, 3)
+
+
+def test_wrong_arguments_are_keyed_raw_when_not_strict() -> None:
+    # typing=False, or a delivery: the body raises the TypeError itself.
+    sig = task_signature(job)
+    loose = make_key("proj.job", sig, None, (1, 2, 3), {}, strict=False)
+    assert loose == make_key("proj.job", sig, None, (1, 2, 3), {}, strict=False)
+    assert loose != make_key("proj.job", sig, None, (1, 2, 4), {}, strict=False)
+    assert make_key("proj.job", sig, None, (1,), {}, strict=False) == key(1)
 
 
 def test_functions_taking_only_star_args_are_keyed_by_position() -> None:
@@ -108,7 +128,13 @@ def test_extra_types_are_canonical() -> None:
 
 
 def test_redis_keys_share_one_cluster_hash_tag() -> None:
-    assert redis_key("dedup", "abc", "claim") == "dedup:{abc}:claim"
+    names = Layout("dedup").names("abc")
+    assert names.keys("t") == [
+        "dedup:{abc}:claim",
+        "dedup:{abc}:lease",
+        "dedup:{abc}:fence",
+        "dedup:{abc}:done:t",
+    ]
 
 
 _PROBE = """
