@@ -169,7 +169,7 @@ def run(task: DedupTask, request: Any, body: Callable[[], Any]) -> Any:
             error,
             extra=notify.extra(task.name, delivery.key, delivery.task_id),
         )
-        return _run_unguarded(task, backend, delivery, request, body)
+        return _run_body(task, backend, delivery, None, request, body)
     if act is Act.RESCHEDULE:
         if answer is None:
             wait, why = min(opts.lock_ttl, 5.0), f"Redis unavailable: {error!r}"
@@ -205,10 +205,23 @@ def _run_leased(
         sender=task.name, key=lease.key, task_id=delivery.task_id, token=lease.token
     )
     backend.heartbeat.watch(lease)
+    return _run_body(task, backend, delivery, lease, request, body)
+
+
+def _run_body(
+    task: DedupTask,
+    backend: Backend,
+    delivery: Delivery,
+    lease: Lease | None,
+    request: Any,
+    body: Callable[[], Any],
+) -> Any:
+    """Run ``body``; then give back what it held (no lease: the body ran
+    unguarded, and Redis may be back to free what the mode frees)."""
     ending = Ending.FAILURE
     try:
         result = body()
-        if not lease.valid:
+        if lease is not None and not lease.valid:
             reason = lease.lost_reason or "lost"
             lease.lose(reason)  # logs and signals, unless the heartbeat did
             raise LockLostError(lease.key, delivery.task_id, reason)
@@ -218,28 +231,9 @@ def _run_leased(
         ending = ending_of(exc, request)
         raise
     finally:
-        backend.heartbeat.unwatch(lease)
-        _give_back(task, backend, delivery, lease.member, ending)
-
-
-def _run_unguarded(
-    task: DedupTask,
-    backend: Backend,
-    delivery: Delivery,
-    request: Any,
-    body: Callable[[], Any],
-) -> Any:
-    ending = Ending.FAILURE
-    try:
-        result = body()
-        ending = Ending.SUCCESS
-        return result
-    except BaseException as exc:
-        ending = ending_of(exc, request)
-        raise
-    finally:
-        # Redis may be back: free what the mode frees, remember success.
-        _give_back(task, backend, delivery, "", ending)
+        if lease is not None:
+            backend.heartbeat.unwatch(lease)  # before the release: no false loss
+        _give_back(task, backend, delivery, lease.member if lease else "", ending)
 
 
 def ending_of(exc: BaseException, request: Any) -> Ending:
