@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 #: How often a job whose moment has not come is looked at again (seconds).
 POLL: Final = 0.02
+#: How much sooner than Redis a lease counts as expired here: Redis scores a
+#: lease by its clock in whole milliseconds, rounded down (seconds).
+CLOCK_MARGIN: Final = 0.002
 #: How often a job whose Redis call failed is tried again (seconds).
 RETRY: Final = 1.0
 
@@ -68,8 +71,9 @@ class Lease:
         self.ttl = ttl
         self.max_running = max_running
         self.task_id = task_of(member)
-        # Counted from before the request: never later than Redis's own expiry.
-        self._expires = asked_at + ttl
+        # Counted from before the request, less the millisecond Redis's clock
+        # rounds down by (scores are whole ms): never later than its expiry.
+        self._expires = asked_at + ttl - CLOCK_MARGIN
         self._lost: str | None = None
 
     @property
@@ -85,7 +89,7 @@ class Lease:
 
     def renewed(self, at: float) -> None:
         """A renewal sent at monotonic ``at`` succeeded."""
-        self._expires = at + self.ttl
+        self._expires = at + self.ttl - CLOCK_MARGIN
 
     def lose(self, reason: str) -> None:
         """Mark the lease lost (once), log it and send ``lease_lost``."""

@@ -265,3 +265,27 @@ def test_deferred_work_runs_off_the_callers_thread_and_is_flushed_at_exit(
     started = time.monotonic()
     assert heartbeat.flush(5) == 0
     assert time.monotonic() - started < 4  # well inside its 5 s
+
+
+def test_a_lease_is_valid_only_while_redis_holds_it(
+    scripts: Store, redis_client: redis.Redis
+) -> None:
+    """``Lease.valid`` never outlasts Redis's own expiry: ACQUIRE purges a
+    member once Redis's clock in whole ms (rounded down) reaches its score."""
+    late = []
+    for n in range(20):
+        held_by = leases.member(f"t{n}", "worker", 1, None)
+        asked_at = time.monotonic()
+        got = acquire(scripts, f"t{n}", ttl=0.03, max_running=100, member=held_by)
+        lease = leases.Lease("k", held_by, got.token, 0.03, asked_at)
+        expiry = redis_client.zscore(scripts.names("k").lease, held_by)
+        assert expiry is not None
+        while True:
+            seconds, micros = redis_client.time()
+            now = seconds * 1000 + micros // 1000  # as the scripts count it
+            if not lease.valid:  # read after Redis's clock: valid then too
+                break
+            if now >= expiry:
+                late.append(f"t{n}: Redis expired it at {now}, still valid")
+                break
+    assert not late, late
