@@ -7,6 +7,7 @@ child, so one client serves the prefork parent and its children alike.
 from __future__ import annotations
 
 import dataclasses
+import os
 import weakref
 from typing import TYPE_CHECKING
 
@@ -77,6 +78,8 @@ def get_backend(app: Celery) -> Backend:
         heartbeat = redis.Redis.from_url(
             url, socket_timeout=1, socket_connect_timeout=1
         )
+        for pool in (client.connection_pool, heartbeat.connection_pool):
+            _hold_across_fork(pool)
         store = Store(client, config.key_prefix)
 
         def renew(lease: Lease) -> bool:
@@ -85,6 +88,23 @@ def get_backend(app: Celery) -> Backend:
         backend = Backend(config, client, store, Heartbeat(renew), heartbeat)
         _backends[app] = backend
         return backend
+
+
+def _hold_across_fork(pool: object) -> None:
+    """Hold a connection pool's lock across ``fork()``.
+
+    The worker's main process uses its pools from the background thread
+    (deferred releases) while billiard forks new children. A child forked
+    while that thread held the pool's lock inherits it locked, and redis-py's
+    reset of the pool in the child (``_checkpid``) then waits on it forever.
+    """
+    lock = getattr(pool, "_lock", None)
+    if lock is not None and hasattr(lock, "acquire"):
+        os.register_at_fork(
+            before=lock.acquire,
+            after_in_parent=lock.release,
+            after_in_child=lock.release,
+        )
 
 
 def live_backends() -> list[Backend]:
