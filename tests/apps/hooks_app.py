@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Celery, Task
 
-from celery_dedup import install
+from celery_dedup import DedupTask, install
 from tests.apps.scenario_app import mark_started, record
 
 app = Celery("hooks_app")
@@ -31,6 +31,7 @@ def configure(url: str, **extra: Any) -> None:
         dedup_tasks={
             f"{__name__}.vendor_job": {"dedup_lock": "while_executing"},
             f"{__name__}.nightly": {"dedup_lock": "until_expired", "dedup_ttl": 60},
+            f"{__name__}.handoff": {"dedup_lock": "until_executing", "dedup_ttl": 600},
         },
         **extra,
     )
@@ -58,6 +59,26 @@ def vendor_job(self: Any, n: int, pause: float = 1.0) -> int:
 @app.task(base=VendorTask, bind=True)
 def nightly(self: Any, n: int) -> int:
     record("nightly", self.request.id, time.time())
+    return n
+
+
+@app.task(base=VendorTask, bind=True)
+def handoff(self: Any, n: int, pause: float = 0.5) -> int:
+    """Holds its key until its body starts (``until_executing``)."""
+    started = time.time()
+    mark_started("handoff", self.request.id)
+    time.sleep(pause)
+    record("handoff", self.request.id, started)
+    return n
+
+
+@app.task(base=DedupTask, bind=True)
+def report(self: Any, n: int, pause: float = 1.0) -> int:
+    """A DedupTask that no ``dedup_tasks`` entry lists."""
+    started = time.time()
+    mark_started("report", self.request.id)
+    time.sleep(pause)
+    record("report", self.request.id, started)
     return n
 
 

@@ -216,3 +216,38 @@ def find_winners(self: DedupTask, campaign_id: int, pause: float = 0.5) -> bool:
         )
     record("find_winners", self.request.id, started, created=created)
     return created
+
+
+@app.task(
+    base=DedupTask,
+    bind=True,
+    dedup_key=lambda args, kwargs: "reports",
+    dedup_lock="while_executing",
+    dedup_max_running=2,
+)
+def write_report(self: DedupTask, n: int, after: int | None = None) -> bool:
+    """Two reports may be written at once (``dedup_max_running=2``), each with
+    its own event. With ``after``, waits until report ``after``'s event is
+    committed before it writes its own."""
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from celery_dedup.outbox import Outbox
+
+    started = time.time()
+    mark_started("write_report", self.request.id)
+    outbox = Outbox.from_app(app)
+    table = outbox.table
+    deadline = time.monotonic() + 30
+    while after is not None and time.monotonic() < deadline:
+        with outbox.engine.connect() as conn:
+            found = conn.execute(
+                sa.select(table.c.id).where(table.c.aggregate_id == f"report:{after}")
+            ).first()
+        if found is not None:
+            break
+        time.sleep(0.05)
+    with Session(outbox.engine) as session, session.begin():
+        created = outbox.add(session, "REPORT_WRITTEN", aggregate_id=f"report:{n}")
+    record("write_report", self.request.id, started, created=created)
+    return created
