@@ -290,8 +290,11 @@ def free(
     retry_for: float,
     in_background: bool = False,
     ready: Callable[[], bool] | None = None,
+    by_holder: bool = False,
 ) -> bool | None:
-    """Do ``release`` for ``delivery`` (lease ``held_by``, "" for none).
+    """Do ``release`` for ``delivery`` (lease ``held_by``, "" for none; or,
+    ``by_holder``, whichever lease the :func:`~celery_dedup.lease.holder`
+    ``held_by`` took).
 
     Returns whether the lease was still held; None when the release was left
     to the background thread: ``in_background``, or because Redis failed
@@ -308,6 +311,7 @@ def free(
             delivery.task_id,
             free_claim=release.free_claim,
             done_ttl=backend.config.done_ttl if release.record_done else 0,
+            by_holder=by_holder,
         )
 
     until = time.monotonic() + retry_for

@@ -16,6 +16,7 @@ exits, so a key never stays held because a process ended.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -38,11 +39,24 @@ CLOCK_MARGIN: Final = 0.002
 RETRY: Final = 1.0
 
 
+#: Numbers this process's leases, so that no two deliveries share a member.
+_deliveries = itertools.count(1)
+
+
+def holder(task_id: str, hostname: str | None, pid: int, thread: int | None) -> str:
+    """Who runs a delivery: the task id (length-prefixed, as it may hold any
+    character), host, process and thread (empty for the main thread). Every
+    member of its leases starts with it, so a prefork parent can free the
+    lease of a dead child."""
+    lane = "" if thread is None else thread
+    return f"{len(task_id)}:{task_id}|{hostname}|{pid}|{lane}|"
+
+
 def member(task_id: str, hostname: str | None, pid: int, thread: int | None) -> str:
-    """Who holds a lease: the task id (length-prefixed, as it may hold any
-    character), host and process; a prefork parent can rebuild it for a child."""
-    held_by = f"{len(task_id)}:{task_id}|{hostname}|{pid}"
-    return held_by if thread is None else f"{held_by}|{thread}"
+    """A new lease member: the :func:`holder` and a number unique in this
+    process. A release retried late then never frees a later delivery's
+    lease of the same task id in the same process (a retry, a redelivery)."""
+    return f"{holder(task_id, hostname, pid, thread)}{next(_deliveries)}"
 
 
 def task_of(held_by: str) -> str:

@@ -30,7 +30,7 @@ from celery.worker.request import Request
 from . import model, notify
 from .connection import get_backend
 from .execution import Delivery, free, is_dedup_task
-from .lease import member
+from .lease import holder
 from .model import Ending
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def _free_dead_child(request: Any, ending: Ending) -> None:
     if delivery is None or not pid:
         return
     release = model.on_end(delivery.opts.lock, ending, has_claim=delivery.has_claim)
-    held_by = member(request.id, request.hostname, pid, None)
+    held_by = holder(request.id, request.hostname, pid, None)
     notify.logger.info(
         "Freeing the lease of %s[%s] once its process %s is gone",
         request.name,
@@ -127,6 +127,7 @@ def _free_dead_child(request: Any, ending: Ending) -> None:
         retry_for=max(delivery.opts.lock_ttl, delivery.opts.ttl),
         in_background=True,
         ready=lambda: process_gone(pid),
+        by_holder=True,
     )
 
 

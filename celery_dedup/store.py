@@ -221,7 +221,8 @@ return 1
 
 # ARGV: member ("" for a body that ran without a lease), task id, free_claim
 # ("1": delete the claim if the task id holds it), completion memory (ms; 0:
-# the task did not succeed).
+# the task did not succeed), "1" if the member is a holder (a prefix: see
+# lease.holder) whose lease, whichever delivery took it, is given back.
 # Returns 1 if the member was still in the set, else 0: then another
 # execution took the key (acquiring purges expired members) or it was freed
 # by force. Completion is recorded only for a member still there, or for a
@@ -230,7 +231,13 @@ RELEASE: Final = """
 local member, task_id, free_claim = ARGV[1], ARGV[2], ARGV[3]
 local done_ttl = tonumber(ARGV[4])
 local held = 0
-if member ~= '' then
+if ARGV[5] == '1' then
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    if m:sub(1, #member) == member then
+      held = math.max(held, redis.call('ZREM', KEYS[2], m))
+    end
+  end
+elseif member ~= '' then
   held = redis.call('ZREM', KEYS[2], member)
 end
 if free_claim == '1' and redis.call('GET', KEYS[1]) == task_id then
@@ -389,13 +396,22 @@ class Store:
         *,
         free_claim: bool,
         done_ttl: float,
+        by_holder: bool = False,
     ) -> bool:
-        """Give back a lease (``member`` "" if none was held), free the claim
-        if ``free_claim``, remember success for ``done_ttl`` s if > 0."""
+        """Give back a lease (``member`` "" if none was held; ``by_holder``:
+        ``member`` is a :func:`~celery_dedup.lease.holder`, a dead process's),
+        free the claim if ``free_claim``, remember success for ``done_ttl`` s
+        if > 0."""
         return bool(
             self._release(
                 keys=self.names(key).keys(task_id),
-                args=[member, task_id, "1" if free_claim else "0", ms(done_ttl, 0)],
+                args=[
+                    member,
+                    task_id,
+                    "1" if free_claim else "0",
+                    ms(done_ttl, 0),
+                    "1" if by_holder else "0",
+                ],
             )
         )
 

@@ -28,6 +28,10 @@ def scripts(redis_client: redis.Redis) -> Store:
     return Store(redis_client, "dedup")
 
 
+#: The member each (key, task id) last acquired with, for release().
+MEMBERS: dict[tuple[str, str], str] = {}
+
+
 def acquire(
     scripts: Store,
     task_id: str,
@@ -38,9 +42,11 @@ def acquire(
     member: str | None = None,
     free_claim: bool = False,
 ) -> Acquired:
+    member = member or leases.member(task_id, "h", 1, None)
+    MEMBERS[key, task_id] = member
     return scripts.acquire(
         key,
-        member or leases.member(task_id, "h", 1, None),
+        member,
         task_id,
         ttl=ttl,
         max_running=max_running,
@@ -52,7 +58,7 @@ def acquire(
 def release(scripts: Store, task_id: str, *, key: str = "k", done: float = 0) -> bool:
     return scripts.release(
         key,
-        leases.member(task_id, "h", 1, None),
+        MEMBERS.get((key, task_id)) or leases.member(task_id, "h", 1, None),
         task_id,
         free_claim=True,
         done_ttl=done,
@@ -128,8 +134,8 @@ def test_release_is_owner_checked(scripts: Store) -> None:
 def test_renewal_replaces_the_ttl_and_fails_for_a_lost_lease(
     scripts: Store, redis_client: redis.Redis
 ) -> None:
-    outcome = acquire(scripts, "a", ttl=0.3)
     held_by = leases.member("a", "h", 1, None)
+    outcome = acquire(scripts, "a", ttl=0.3, member=held_by)
     assert outcome.status == ACQUIRED
     assert scripts.renew("k", held_by, 5)  # now 5 s, not 0.3 + 5
     score = redis_client.zscore(scripts.names("k").lease, held_by)
@@ -165,8 +171,8 @@ def test_the_heartbeat_keeps_a_lease_and_reports_a_lost_one(
 
     signals.lease_lost.connect(on_lost, weak=False)
     try:
-        outcome = acquire(scripts, "a", ttl=0.6)
         held_by = leases.member("a", "h", 1, None)
+        outcome = acquire(scripts, "a", ttl=0.6, member=held_by)
         lease = leases.Lease("k", held_by, outcome.token, 0.6, time.monotonic())
         heartbeat = leases.Heartbeat(
             lambda held: scripts.renew(held.key, held.member, held.ttl)
@@ -214,8 +220,8 @@ def test_a_lease_given_back_while_a_renewal_is_in_flight_is_not_lost(
         return scripts.renew(held.key, held.member, held.ttl)  # finds no member
 
     try:
-        outcome = acquire(scripts, "a", ttl=0.3)
         held_by = leases.member("a", "h", 1, None)
+        outcome = acquire(scripts, "a", ttl=0.3, member=held_by)
         lease = leases.Lease("k", held_by, outcome.token, 0.3, time.monotonic())
         heartbeat = leases.Heartbeat(renew)
         heartbeat.watch(lease)

@@ -80,7 +80,7 @@ from hypothesis.stateful import (
 
 from celery_dedup import model
 from celery_dedup.inspection import Inspector
-from celery_dedup.lease import member, task_of
+from celery_dedup.lease import holder, member, task_of
 from celery_dedup.model import (
     Act,
     ClaimStatus,
@@ -189,6 +189,7 @@ class Job:
     task_id: str
     release: Release
     delivery: int | None  # the delivery whose lease ``member`` names
+    by_holder: bool = False  # ``member`` is a dead child's lease.holder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -517,15 +518,15 @@ class ProtocolMachine(RuleBasedStateMachine):
         # request.delivery_of: what the message's stamp says, nothing learnt
         stamp_claim = message.claim if message.stamped else False
         release = model.on_end(self.lock, ending, has_claim=stamp_claim)
-        held_by = member(message.task_id, HOST, body.pid, None)
         self._free(
             MAIN_PID,
             message.key,
             message.task_id,
-            held_by,
+            holder(message.task_id, HOST, body.pid, None),
             release,
             body.delivery,
             background=True,
+            by_holder=True,
         )
         if requeued:
             self.queue.append(message)
@@ -561,12 +562,13 @@ class ProtocolMachine(RuleBasedStateMachine):
         delivery: int | None,
         *,
         background: bool = False,
+        by_holder: bool = False,
     ) -> None:
         """execution.free: now, or on ``pid``'s background thread (also when
         Redis fails now: retried until it succeeds)."""
         if not held_by and not release.free_claim and not release.record_done:
             return
-        job = Job(pid, key, held_by, task_id, release, delivery)
+        job = Job(pid, key, held_by, task_id, release, delivery, by_holder)
         if background:
             self.jobs.append(job)
             return
@@ -583,16 +585,20 @@ class ProtocolMachine(RuleBasedStateMachine):
             job.task_id,
             free_claim=job.release.free_claim,
             done_ttl=DONE_TTL if job.release.record_done else 0,
+            by_holder=job.by_holder,
         )
         names = self.observer.names(job.key)
         if job.member:
-            owner = self.live[job.key].pop(job.member, None)
-            self.orphaned.discard((job.key, job.member))
-            assert owner is None or held, "a live member was not in the lease set"
-            if owner is not None and owner != job.delivery:
-                running = [b for b in self.bodies if b.delivery == owner]
-                if running:
-                    STATS["a deferred release took a running body's lease"] += 1
+            live = self.live[job.key]
+            freed = [job.member] if job.member in live else []
+            if job.by_holder:
+                freed = [m for m in live if m.startswith(job.member)]
+            for held_by in freed:
+                del live[held_by]
+                self.orphaned.discard((job.key, held_by))
+                assert held, "a live member was not in the lease set"
+                running = [b.delivery for b in self.bodies if b.member == held_by]
+                assert running in ([], [job.delivery]), "freed another's lease"
         if job.release.free_claim:
             assert self.raw.get(names.claim) != job.task_id.encode()
         if job.release.record_done and (held or not job.member):
@@ -896,6 +902,34 @@ def test_protocol(redis_client: redis.Redis) -> None:
     finally:
         print(_report(time.monotonic() - started))
     assert STATS["examples"] >= SETTINGS.max_examples
+
+
+def test_a_late_release_never_frees_a_later_deliverys_lease(
+    redis_client: redis.Redis,
+) -> None:
+    """Found by ``test_protocol``: a body's release fails and is retried in
+    the background; its lease expires meanwhile and the task's retry takes the
+    key in the same child. The late release must free its own lease only, not
+    the retry's (then a third delivery could run beside the retry)."""
+    machine = ProtocolMachine(redis_client)
+    machine.parameters(Lock.WHILE_EXECUTING, OnConflict.SKIP, OnRedisError.RAISE, 1)
+    steps = [
+        lambda: machine.call(KEYS[0], "apply_async"),
+        lambda: machine.deliver(0),
+        machine.redis_fails,  # the release at the body's end fails
+        lambda: machine.body_ends(0, Ending.RETRY),
+        lambda: machine.lease_expires(0),
+        lambda: machine.deliver(0),  # the retry, in the same child
+        lambda: machine.background(0),  # the late release
+    ]
+    for step in steps:
+        step()
+        machine.leases()
+        machine.stored_keys()
+    (retry,) = machine.bodies
+    assert machine.store.renew(KEYS[0], retry.member, LOCK_TTL), "its lease is gone"
+    machine.teardown()
+    assert STATS["examples"] >= 1
 
 
 def _report(seconds: float) -> str:

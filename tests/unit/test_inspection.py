@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from celery_dedup import inspection
+from celery_dedup import inspection, lease
 from celery_dedup.inspection import Claim, Holder, KeyState, TaskInfo
 from celery_dedup.lease import member
 from celery_dedup.store import Layout, glob_escape
@@ -13,7 +13,7 @@ NOW = 1_700_000_000_000  # ms of Redis time
 
 
 def holder(task_id: str, expires: int, host: str = "w1@h", pid: int = 7) -> Holder:
-    text = member(task_id, host, pid, None)
+    text = lease.holder(task_id, host, pid, None) + "1"  # one delivery of each
     return Holder(
         text, task_id, host, pid, None, expires, str(expires), (expires - NOW) / 1000
     )
