@@ -102,6 +102,14 @@ def _dedup_key(setting: str, value: Any) -> Any:
     )
 
 
+def _byte_count(setting: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(
+            setting, f"expected a number of bytes (an integer >= 1), got {value!r}"
+        )
+    return value
+
+
 def _max_running(setting: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(setting, f"expected an integer >= 1, got {value!r}")
@@ -167,6 +175,7 @@ class DedupConfig:
     outbox_table: str = "celery_dedup_outbox"
     outbox_exchange: str = "celery_dedup.events"
     outbox_relay: bool = False
+    outbox_max_payload: int = 4 * 1024 * 1024
 
 
 _SETTINGS: Final[dict[str, Callable[[str, Any], Any]]] = {
@@ -184,6 +193,7 @@ _SETTINGS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "dedup_outbox_table": _identifier,
     "dedup_outbox_exchange": _exchange,
     "dedup_outbox_relay": _bool,
+    "dedup_outbox_max_payload": _byte_count,
 }
 SETTINGS: Final = tuple(_SETTINGS)
 
