@@ -61,6 +61,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import os
 import sys
 import time
 from typing import Any, Final
@@ -126,11 +127,15 @@ CALLS: Final = ("apply_async", "apply_async", "apply_async", "workflow", "send_t
 #: What the machine explored, over the whole test (printed at its end).
 STATS: collections.Counter[str] = collections.Counter()
 
+#: ``DEDUP_PROTOCOL_EXAMPLES=5000`` explores that many random examples,
+#: new ones each run, instead of the same 200 each run.
+EXPLORE: Final = os.environ.get("DEDUP_PROTOCOL_EXAMPLES")
+
 SETTINGS: Final = settings(
-    max_examples=200,
+    max_examples=int(EXPLORE or 200),
     stateful_step_count=50,
     deadline=None,
-    derandomize=True,
+    derandomize=EXPLORE is None,
     database=None,
     print_blob=False,
     suppress_health_check=[
