@@ -26,13 +26,26 @@ REDIS_ERROR_RULES: Final = tuple(OnRedisError)
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def _positive_number(setting: str, value: Any) -> float:
+#: The longest duration a setting may hold (s, about 31,700 years): Redis
+#: keeps expiries in ms up to 2**63, and the scripts add Redis time in ms to
+#: a lease TTL in Lua doubles, which are exact up to 2**53.
+MAX_DURATION: Final = 10**12
+#: The shortest (s): Redis expiries are whole milliseconds.
+MIN_DURATION: Final = 0.001
+
+
+def _duration(setting: str, value: Any) -> float:
+    """A number of seconds Redis can hold as an expiry."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigurationError(
             setting, f"expected a number of seconds, got {value!r}"
         )
-    if not value > 0:
-        raise ConfigurationError(setting, f"must be greater than 0, got {value!r}")
+    if not MIN_DURATION <= value <= MAX_DURATION:  # NaN fails both
+        raise ConfigurationError(
+            setting,
+            f"expected seconds from {MIN_DURATION:g} to {MAX_DURATION:g} "
+            f"(Redis expiries are whole ms), got {value!r}",
+        )
     return float(value)
 
 
@@ -122,8 +135,8 @@ TASK_OPTIONS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "dedup_key": _dedup_key,
     "dedup_lock": lambda s, v: _choice(s, v, LOCK_MODES),
     "dedup_on_conflict": lambda s, v: _choice(s, v, CONFLICT_RULES),
-    "dedup_ttl": _positive_number,
-    "dedup_lock_ttl": _positive_number,
+    "dedup_ttl": _duration,
+    "dedup_lock_ttl": _duration,
     "dedup_max_running": _max_running,
 }
 
@@ -184,9 +197,9 @@ _SETTINGS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "dedup_key_prefix": _key_prefix,
     "dedup_lock": TASK_OPTIONS["dedup_lock"],
     "dedup_on_conflict": TASK_OPTIONS["dedup_on_conflict"],
-    "dedup_ttl": _positive_number,
-    "dedup_lock_ttl": _positive_number,
-    "dedup_done_ttl": _positive_number,
+    "dedup_ttl": _duration,
+    "dedup_lock_ttl": _duration,
+    "dedup_done_ttl": _duration,
     "dedup_tasks": _tasks,
     "dedup_on_redis_error": lambda s, v: _choice(s, v, REDIS_ERROR_RULES),
     "dedup_outbox_url": _optional_str,

@@ -17,6 +17,7 @@ from redis import Redis
 from .config import DedupConfig, forget, get_config
 from .exceptions import ConfigurationError
 from .lease import Heartbeat, Lease
+from .model import Renewal
 from .store import Store
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ def get_backend(app: Celery) -> Backend:
             _hold_across_fork(pool)
         store = Store(client, config.key_prefix)
 
-        def renew(lease: Lease) -> bool:
+        def renew(lease: Lease) -> Renewal:
             return store.renew(lease.key, lease.member, lease.ttl, client=heartbeat)
 
         backend = Backend(config, client, store, Heartbeat(renew), heartbeat)

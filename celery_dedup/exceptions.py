@@ -56,14 +56,16 @@ class LockLostError(DedupError):
 class BackendUnavailableError(DedupError):
     """Redis could not be reached and ``dedup_on_redis_error`` is ``"raise"``."""
 
-    def __init__(self, operation: str, cause: object) -> None:
-        super().__init__(operation, cause)
+    def __init__(self, operation: str, cause: object, url: str | None = None) -> None:
+        super().__init__(operation, cause, url)
         self.operation = operation
         self.cause = cause
+        self.url = url  #: the Redis URL, its password masked
 
     def __str__(self) -> str:
+        at = f" at {self.url}" if self.url else ""
         return (
-            f"Redis unavailable during {self.operation} ({self.cause!r}); set "
+            f"Redis{at} unavailable during {self.operation} ({self.cause!r}); set "
             "dedup_on_redis_error='proceed' to run without deduplication instead"
         )
 

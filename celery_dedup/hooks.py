@@ -80,6 +80,11 @@ def install(app: Celery) -> None:
         app.on_after_finalize.connect(lambda sender, **_: _adopt(sender), weak=False)
 
 
+def installed(app: Celery) -> bool:
+    """Whether :func:`install` connected the publish hook for ``app``."""
+    return app in _installed
+
+
 def uninstall(app: Celery) -> None:
     """Disconnect the publish hook :func:`install` connected for ``app``
     (tests, mostly: publish signals are global to the process)."""

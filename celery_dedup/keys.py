@@ -162,6 +162,28 @@ def make_key(
     return digest(task_name, _serialise(named))
 
 
+def check_key_names(
+    task_name: str, signature: inspect.Signature | None, spec: KeySpec
+) -> None:
+    """Raise ``ConfigurationError`` if ``spec`` (a sequence of argument
+    names) names an argument ``signature`` cannot have, as make_key names
+    them: a parameter, ``*args`` by its name, ``**name`` for a keyword that
+    ``**kwargs`` takes. Without a signature every name may be given."""
+    if signature is None or spec is None or isinstance(spec, str) or callable(spec):
+        return
+    params = signature.parameters.values()
+    names = {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    names |= {f"*{p.name}" for p in params if p.kind is p.VAR_POSITIONAL}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    for name in spec:
+        if name not in names and not (takes_any and name.startswith("**")):
+            raise ConfigurationError(
+                "dedup_key",
+                f"{task_name} has no argument {name!r}; its arguments are "
+                f"{', '.join(sorted(names)) or '(none)'}",
+            )
+
+
 def task_signature(run: Callable[..., Any]) -> inspect.Signature | None:
     """The signature calls are bound to, or None when it names nothing."""
     try:

@@ -27,6 +27,7 @@ from typing import Final
 import redis
 
 from . import signals
+from .model import Renewal
 
 logger = logging.getLogger(__name__)
 
@@ -142,12 +143,12 @@ class Job:
 class Heartbeat:
     """Renews this process's leases and runs its deferred Redis work.
 
-    ``renew(lease)`` is True while the lease is held, False once another
-    execution holds the key (or the lease expired); a Redis error is retried
-    until the lease would have expired, and the lease is lost then.
+    ``renew(lease)`` answers a :class:`~celery_dedup.model.Renewal`, true
+    while the lease is held; a false one says why it is lost. A Redis error
+    is retried until the lease would have expired, and the lease is lost then.
     """
 
-    def __init__(self, renew: Callable[[Lease], bool]) -> None:
+    def __init__(self, renew: Callable[[Lease], Renewal]) -> None:
         self._renew = renew
         self._wake = threading.Condition()
         self._reset()
@@ -289,7 +290,7 @@ class Heartbeat:
             self._reschedule(lease, started + lease.ttl / 3)
         elif self._drop(lease):
             # Still watched: its body did not end and give it back meanwhile.
-            lease.lose("another execution holds the key, or the lease expired")
+            lease.lose(Renewal(renewed).reason)
 
     def _drop(self, lease: Lease) -> bool:
         """Stop renewing ``lease``; False if its body already unwatched it."""

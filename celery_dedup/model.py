@@ -87,6 +87,30 @@ class LeaseStatus(enum.IntEnum):
     CLAIMED = 5  # another task id holds the idempotency claim asked for
 
 
+class Renewal(enum.IntEnum):
+    """What the renew script answered; true only for RENEWED."""
+
+    LOST = 0  # the member is gone or expired: taken over, expired or released
+    RENEWED = 1
+    VANISHED = 2  # the lease set and the fence are gone: Redis lost its data
+
+    def __bool__(self) -> bool:
+        return self is Renewal.RENEWED
+
+    @property
+    def reason(self) -> str:
+        """Why a lease that was not renewed is lost, in words."""
+        if self is Renewal.VANISHED:
+            return (
+                "its lease key vanished: Redis lost its data (a restart without "
+                "persistence, a flush or an eviction)"
+            )
+        return (
+            "another execution holds the key, or the lease expired or was "
+            "released by force"
+        )
+
+
 class Ending(StrEnum):
     """How a body, or the process that ran it, ended."""
 

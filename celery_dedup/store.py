@@ -28,7 +28,7 @@ from typing import Any, Final
 
 import redis
 
-from .model import ClaimStatus, LeaseStatus
+from .model import ClaimStatus, LeaseStatus, Renewal
 
 CLAIM_PART: Final = "claim"
 LEASE_PART: Final = "lease"
@@ -204,18 +204,25 @@ end
 return {1, token, claimed}
 """
 
-# ARGV: member, lease TTL (ms), replacing what was left.
-# Returns 1 if the member still held the key (now renewed), else 0.
+# ARGV: member, lease TTL (ms), replacing what was left. The fence is kept
+# at least as long as the lease, so that a lease set gone with its fence
+# means Redis lost its data, not that the lease ran out.
+# Returns a Renewal: 1 if the member still held the key (now renewed); 0 if
+# it is gone or expired; 2 if the lease set and the fence are both gone.
 RENEW: Final = """
 local member, ttl = ARGV[1], tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local expiry = redis.call('ZSCORE', KEYS[2], member)
 if not expiry or tonumber(expiry) <= now then
+  if redis.call('EXISTS', KEYS[2]) == 0 and redis.call('EXISTS', KEYS[3]) == 0 then
+    return 2
+  end
   return 0
 end
 redis.call('ZADD', KEYS[2], now + ttl, member)
 if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
+if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
 return 1
 """
 
@@ -377,14 +384,17 @@ class Store:
         wait = max(0, int(reply[1])) / 1000
         return Acquired(status, wait=wait, holder=text(reply[2]))
 
-    def renew(self, key: str, member: str, ttl: float, client: Any = None) -> bool:
-        """Renew ``member``'s lease for ``ttl`` s; False if it no longer holds it.
+    def renew(self, key: str, member: str, ttl: float, client: Any = None) -> Renewal:
+        """Renew ``member``'s lease for ``ttl`` s; false if it no longer holds
+        it (the answer says why).
 
         ``client``: another connection to the same Redis (the heartbeat's).
         """
-        return bool(
-            self._renew(
-                keys=self.names(key).keys(), args=[member, ms(ttl)], client=client
+        return Renewal(
+            int(
+                self._renew(
+                    keys=self.names(key).keys(), args=[member, ms(ttl)], client=client
+                )
             )
         )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -16,6 +17,7 @@ from celery import Task, current_task
 from celery.canvas import Signature
 from celery.result import AsyncResult
 from celery.utils import uuid
+from kombu.utils.url import maybe_sanitize_url
 
 from . import execution, model, notify
 from .config import (
@@ -25,14 +27,14 @@ from .config import (
     resolve,
     validate_task_option,
 )
-from .connection import get_backend
+from .connection import get_backend, redis_url
 from .exceptions import (
     BackendUnavailableError,
     ConfigurationError,
     DuplicateTaskError,
 )
 from .execution import HEADER, overrides, stamp_of
-from .keys import make_key, task_signature
+from .keys import check_key_names, make_key, task_signature
 from .store import Claim
 from .timing import claim_ttl
 from .wiring import connect
@@ -93,7 +95,12 @@ class DedupTask(_TaskBase):
         """Check the task's dedup options, annotations included, once bound;
         connect celery-dedup's worker receivers (once per process)."""
         super().on_bound(app)
-        cls.dedup_attributes()
+        spec = cls.dedup_attributes().get("dedup_key")
+        # run as an instance has it: a method has ``self`` bound.
+        run: Any = cls.run
+        if not isinstance(inspect.getattr_static(cls, "run"), staticmethod):
+            run = functools.partial(run, None)
+        check_key_names(cls.name, task_signature(run), spec)
         connect()
 
     @classmethod
@@ -256,8 +263,13 @@ class DedupTask(_TaskBase):
         )
         if not isinstance(answer, Claim):  # Redis failed
             if decision.raise_unavailable:
-                raise BackendUnavailableError("the enqueue claim", answer) from answer
-            notify.logger.warning(
+                raise BackendUnavailableError(
+                    "the enqueue claim", answer, maybe_sanitize_url(redis_url(self.app))
+                ) from answer
+            # A republish (retry, reschedule) keeps what its stamp holds: the
+            # caller logs its own decision, once.
+            notify.logger.log(
+                logging.DEBUG if republish else logging.WARNING,
                 "Redis unavailable: %s[%s] published without its claim (%r)",
                 self.name,
                 task_id,
@@ -304,6 +316,11 @@ class DedupTask(_TaskBase):
             return get_backend(self.app).store.claim(key, task_id, ttl)
         except redis.RedisError as exc:
             return exc
+
+    def delay(self, *args: Any, **kwargs: Any) -> DedupResult:
+        """``apply_async(args, kwargs)``, typed: the result says whether the
+        call was deduplicated."""
+        return self.apply_async(args, kwargs)
 
     def AsyncResult(self, task_id: str, **kwargs: Any) -> DedupResult:
         """Get the :class:`DedupResult` of ``task_id``."""

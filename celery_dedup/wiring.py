@@ -32,6 +32,7 @@ def connect() -> None:
             return
         receivers = (
             (celery_signals.worker_init, checks.check_at_start, "checks"),
+            (celery_signals.beat_init, checks.check_at_start, "checks.beat"),
             (celery_signals.task_revoked, request.on_revoked, "revoked"),
             (celery_signals.worker_ready, outbox_worker.on_worker_ready, "relay"),
             (

@@ -34,32 +34,39 @@ _GROUP = "Check Options"
     group=_GROUP,
     help="Seconds to wait for the workers' replies (asked twice).",
 )
-@json_option(_GROUP)
+@json_option()
 @click.pass_context
 def check(ctx: click.Context, /, timeout: float, as_json: bool, **kwargs: Any) -> None:
-    """Find queues whose workers register different tasks, and risky settings.
+    """Find queues whose workers register different tasks, and bad or risky
+    settings.
 
-    Exits 1 when it finds a problem, 69 when no worker answers.
+    Exits 1 when it finds a problem (a setting problem even when no worker
+    answers), 69 when no worker answers and the settings are sound.
     """
     app = ctx.obj.app
     settings = _settings(app)
     try:
-        report = _ask_workers(app, timeout)
+        report: FleetReport | None = _ask_workers(app, timeout)
+        error = None
     except click.ClickException as exc:
-        if as_json:
-            echo_json(_document(None, settings, exc.format_message()))
-        raise
-    ok = report.ok and not settings
+        if not settings:
+            if as_json:
+                echo_json(_document(None, settings, exc.format_message()))
+            raise
+        report, error = None, exc.format_message()
     if as_json:
-        echo_json(_document(report, settings))
+        echo_json(_document(report, settings, error))
     else:
-        for line in report.describe():
+        for line in report.describe() if report else [f"workers: {error}"]:
             ctx.obj.echo(line)
         ctx.obj.echo("settings:" if settings else "settings: ok")
         for sentence in settings:
             ctx.obj.echo(f"  {sentence}")
-        ctx.obj.echo(_summary(report, settings))
-    if not ok:
+        if report is not None:
+            ctx.obj.echo(_summary(report, settings))
+        else:
+            ctx.obj.echo(f"problems: {len(settings)} setting problem(s)")
+    if report is None or not report.ok or settings:
         ctx.exit(EX_PROBLEMS)
 
 

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from celery_dedup import lease as leases
-from celery_dedup.model import LeaseStatus
+from celery_dedup.model import LeaseStatus, Renewal
 from celery_dedup.store import Acquired, Store
 from tests.rig import wait_for
 
@@ -295,3 +295,27 @@ def test_a_lease_is_valid_only_while_redis_holds_it(
                 late.append(f"t{n}: Redis expired it at {now}, still valid")
                 break
     assert not late, late
+
+
+def test_a_renewal_says_why_a_lease_is_gone(
+    scripts: Store, redis_client: redis.Redis
+) -> None:
+    names = scripts.names("k")
+    held_by = leases.member("a", "h", 1, None)
+    acquire(scripts, "a", ttl=5, member=held_by)
+    # A renewal keeps the fence at least as long as the lease
+    redis_client.pexpire(names.fence, 100)
+    assert scripts.renew("k", held_by, 5) is Renewal.RENEWED
+    assert redis_client.pttl(names.fence) > 4000
+    # Freed by force (`dedup release --force` keeps the fence): lost
+    redis_client.delete(names.lease)
+    lost = scripts.renew("k", held_by, 5)
+    assert lost is Renewal.LOST and not lost
+    assert "another execution holds the key" in lost.reason
+    # Gone with the fence, as when Redis restarts without persistence
+    held_by = leases.member("a", "h", 1, None)
+    acquire(scripts, "a", ttl=5, member=held_by)
+    redis_client.flushdb()
+    vanished = scripts.renew("k", held_by, 5)
+    assert vanished is Renewal.VANISHED and not vanished
+    assert "Redis lost its data" in vanished.reason

@@ -70,6 +70,17 @@ def test_every_setting_is_read() -> None:
         ({"dedup_tasks": ["t"]}, "dedup_tasks"),
         ({"dedup_tasks": {"t": {"dedup_ttl": "x"}}}, "dedup_tasks['t'].dedup_ttl"),
         ({"dedup_tasks": {"t": {"ttl": 1}}}, "dedup_tasks['t'].ttl"),
+        ({"dedup_ttl": float("inf")}, "dedup_ttl"),
+        ({"dedup_ttl": 1e20}, "dedup_ttl"),
+        ({"dedup_lock_ttl": float("nan")}, "dedup_lock_ttl"),
+        ({"dedup_lock_ttl": float("inf")}, "dedup_lock_ttl"),
+        ({"dedup_done_ttl": 0.0001}, "dedup_done_ttl"),
+        (
+            {"dedup_tasks": {"t": {"dedup_lock_ttl": 1e13}}},
+            "dedup_tasks['t'].dedup_lock_ttl",
+        ),
+        ({"dedup_outbox_max_payload": 0}, "dedup_outbox_max_payload"),
+        ({"dedup_outbox_max_payload": 1.5}, "dedup_outbox_max_payload"),
     ],
 )
 def test_a_bad_setting_is_named(settings: dict[str, Any], named: str) -> None:
@@ -184,3 +195,19 @@ def test_a_misspelt_call_option_is_an_error() -> None:
         job.apply_async((1,), dedup_ttl="soon")
     with pytest.raises(ConfigurationError, match=r"dedup_key_for: queue"):
         job.dedup_key_for((1,), queue="q")
+
+
+def test_durations_reach_from_a_millisecond_to_the_bound() -> None:
+    config = from_mapping({"dedup_ttl": 0.001, "dedup_done_ttl": 10**12})
+    assert (config.ttl, config.done_ttl) == (0.001, 1e12)
+
+
+def test_a_per_call_infinite_ttl_is_refused_naming_it(celery_app: Celery) -> None:
+    @celery_app.task(base=DedupTask)
+    def job(n: int) -> int:
+        return n
+
+    with pytest.raises(ConfigurationError) as caught:
+        job.apply_async((1,), dedup_ttl=float("inf"))
+    assert "dedup_ttl" in str(caught.value)
+    assert "inf" in str(caught.value)

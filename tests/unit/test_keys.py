@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from celery_dedup import ConfigurationError
-from celery_dedup.keys import make_key, task_signature
+from celery_dedup.keys import canonical, check_key_names, make_key, task_signature
 from celery_dedup.store import Layout
 
 
@@ -165,3 +165,65 @@ def test_keys_are_stable_across_processes_and_hash_seeds() -> None:
     (value,) = seen
     assert len(value) == 32
     int(value, 16)
+
+
+UTC = datetime.timezone.utc
+PLUS_ONE = datetime.timezone(datetime.timedelta(hours=1))
+
+
+@pytest.mark.parametrize(
+    ("one", "other", "same"),
+    [
+        ((1, 2), [1, 2], True),
+        ({"a": 1, "b": 2}, {"b": 2, "a": 1}, True),
+        ({1: "a"}, {"1": "a"}, True),
+        ({1, 2}, frozenset({2, 1}), True),
+        (1, 1.0, False),
+        (True, 1, False),
+        ("1", 1, False),
+        ({1}, [1], False),
+        (decimal.Decimal("1.0"), decimal.Decimal("1.00"), False),
+        (decimal.Decimal("1"), 1, False),
+        (
+            datetime.datetime(2026, 1, 1),
+            datetime.datetime(2026, 1, 1, tzinfo=UTC),
+            False,
+        ),
+        (
+            datetime.datetime(2026, 1, 1, 1, tzinfo=PLUS_ONE),
+            datetime.datetime(2026, 1, 1, tzinfo=UTC),
+            False,
+        ),
+        (datetime.date(2026, 1, 1), datetime.datetime(2026, 1, 1), False),
+        (b"a", "a", False),
+    ],
+)
+def test_key_equality_rules_as_documented(one: Any, other: Any, same: bool) -> None:
+    """The table of docs/configuration.md (dedup_key)."""
+    assert (canonical((one,), {}) == canonical((other,), {})) is same
+
+
+def _run(self: Any, user_id: int, *rest: Any, when: str = "", **extra: Any) -> None:
+    """A task's run: self, a parameter, *args, a keyword, **kwargs."""
+
+
+@pytest.mark.parametrize("names", [("user_id",), ("*rest", "when"), ("**any",)])
+def test_key_names_a_task_has_pass(names: tuple[str, ...]) -> None:
+    check_key_names("t", task_signature(_run), names)
+
+
+@pytest.mark.parametrize("names", [("usr",), ("rest",), ("user_id", "extra")])
+def test_a_key_name_the_task_lacks_is_refused(names: tuple[str, ...]) -> None:
+    def run(user_id: int, *rest: Any, when: str = "") -> None: ...
+
+    with pytest.raises(ConfigurationError) as caught:
+        check_key_names("proj.job", task_signature(run), names)
+    assert caught.value.setting == "dedup_key"
+    assert "proj.job has no argument" in str(caught.value)
+    assert "*rest, user_id, when" in str(caught.value)
+
+
+def test_without_a_signature_any_key_name_passes() -> None:
+    def run(*args: Any, **kwargs: Any) -> None: ...
+
+    check_key_names("t", task_signature(run), ("anything",))
