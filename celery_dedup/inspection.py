@@ -255,20 +255,20 @@ class Inspector:
         seconds: float,
         every: float = 0.2,
     ) -> tuple[KeyState, list[Holder]]:
-        """Read ``state``'s key again for up to ``seconds``: the newest
-        snapshot and the lease holders renewed (or new) since ``state``.
+        """Read ``state``'s key again, at once and then every ``every`` s for
+        up to ``seconds``: the newest snapshot and the lease holders renewed
+        (or new) since ``state``.
 
         Stops at the first renewal, or once no lease is live any more.
         """
         deadline = time.monotonic() + seconds
-        latest = state
-        while latest.live_leases and time.monotonic() < deadline:
-            time.sleep(max(0.0, min(every, deadline - time.monotonic())))
+        while True:
             [latest] = self.read([state.key])
             moved = renewed(state, latest)
-            if moved:
+            left = deadline - time.monotonic()
+            if moved or not latest.live_leases or left <= 0:
                 return latest, moved
-        return latest, []
+            time.sleep(min(every, left))
 
     def release(self, state: KeyState, force: bool = False) -> tuple[bool, KeyState]:
         """Delete the claim and the lease set of ``state``'s key, if they are

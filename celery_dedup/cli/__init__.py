@@ -9,7 +9,8 @@ is imported only when that command runs.
 A module a concern: :mod:`.relay` publishes the outbox, :mod:`.check` checks
 job ownership and settings, :mod:`.keys` shows the dedup keys (``status``,
 ``inspect``), :mod:`.release` frees a stuck one, :mod:`.outbox` counts the
-outbox rows; :mod:`._common` holds the exit codes and options they share.
+outbox rows; :mod:`._common` holds the exit codes, options and output they
+share, and the order of the option groups in ``--help``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,15 @@
-"""What every ``dedup`` command shares: exit codes, options and output."""
+"""What every ``dedup`` command shares: exit codes, options and output.
+
+The option groups of ``--help`` come in the order the options are declared
+(:class:`celery.bin.base.CeleryCommand`), so every command declares its
+options in one order: first its own, under ``"<Command> Options"`` (such as
+``"Release Options"``); then the shared lookup options of the key commands
+(:data:`LOOKUP_GROUP`); then the output options (:data:`OUTPUT_GROUP`, that is
+:func:`json_option`). Celery's ``Options`` (``--help``) come last.
+
+A command's argument is described in its docstring, as Celery's own commands
+do: click arguments have no help text.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +31,11 @@ EX_REFUSED = 1
 #: A setting the command needs is missing or invalid (sysexits' EX_CONFIG).
 EX_CONFIG = 78
 
+#: The ``--timeout`` and ``--no-workers`` of ``status`` and ``inspect``.
+LOOKUP_GROUP = "Lookup Options"
+#: ``--json``: after the other groups.
+OUTPUT_GROUP = "Output Options"
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -28,14 +44,15 @@ def option(*decls: str, group: str, **attrs: Any) -> Callable[[F], F]:
     return click.option(*decls, cls=CeleryOption, help_group=group, **attrs)
 
 
-def json_option(group: str) -> Callable[[F], F]:
-    """``-j``/``--json``, passed to the command as ``as_json``."""
+def json_option() -> Callable[[F], F]:
+    """``-j``/``--json`` under :data:`OUTPUT_GROUP`, passed to the command as
+    ``as_json``; declared after the command's other options."""
     return option(
         "-j",
         "--json",
         "as_json",
         is_flag=True,
-        group=group,
+        group=OUTPUT_GROUP,
         help="Print one JSON object instead of text.",
     )
 
@@ -43,6 +60,21 @@ def json_option(group: str) -> Callable[[F], F]:
 def echo_json(document: Any) -> None:
     """Print the ``--json`` output of a command."""
     click.echo(json.dumps(document, indent=2))
+
+
+@contextlib.contextmanager
+def json_errors(as_json: bool, document: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Yield ``document``, the command's ``--json`` output, for the command to
+    fill in as it goes. If the command fails with a message and an exit code
+    (a refusal, an outage, a bad setting), print it with that message as its
+    ``"error"`` when ``as_json``: a script gets JSON on every outcome."""
+    document.setdefault("error", None)
+    try:
+        yield document
+    except click.ClickException as exc:
+        if as_json:
+            echo_json({**document, "error": exc.format_message()})
+        raise
 
 
 @contextlib.contextmanager

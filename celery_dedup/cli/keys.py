@@ -24,18 +24,26 @@ from .. import inspection
 from ..config import get_config, resolve
 from ..connection import get_backend, redis_url
 from ..inspection import Inspector, KeyState, TaskInfo
-from ._common import EX_REFUSED, F, configuration_errors, echo_json, json_option, option
+from ._common import (
+    EX_REFUSED,
+    LOOKUP_GROUP,
+    F,
+    configuration_errors,
+    echo_json,
+    json_errors,
+    json_option,
+    option,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
 
 logger = logging.getLogger(__name__)
 
-_GROUP = "Lookup Options"
-
 
 def _lookup_options(command: F) -> F:
-    """``--timeout``, ``--no-workers`` and ``--json``, shared by the key commands."""
+    """``--timeout`` and ``--no-workers``, then ``--json``: the options of
+    ``status`` and ``inspect``."""
     options = (
         option(
             "-t",
@@ -43,16 +51,16 @@ def _lookup_options(command: F) -> F:
             type=float,
             default=1.0,
             show_default=True,
-            group=_GROUP,
+            group=LOOKUP_GROUP,
             help="Seconds to wait for the workers' replies about the holders.",
         ),
         option(
             "--no-workers",
             is_flag=True,
-            group=_GROUP,
+            group=LOOKUP_GROUP,
             help="Do not ask the workers (only Redis and the result backend).",
         ),
-        json_option(_GROUP),
+        json_option(),
     )
     for add in reversed(options):
         command = add(command)
@@ -70,14 +78,25 @@ def status(
     as_json: bool,
     **kwargs: Any,
 ) -> None:
-    """Held dedup keys by task: holder, state, age, TTLs and fence."""
+    """Held dedup keys by task: holder, state, age, TTLs and fence.
+
+    KEY, the first column, is a dedup key: the 32 hex digits of a digest of
+    the task name and its arguments, as inspect and release take it. MODE is
+    the dedup_lock the task has in this app. "-" is what nobody knows.
+
+    Exits 69 when Redis cannot be read, 78 when a setting is missing or
+    invalid (with --json, JSON with an "error" then).
+    """
     app = ctx.obj.app
-    inspector = get_inspector(app)
-    with redis_errors(app):
-        states = inspector.held()
-    documents, workers = _describe(app, states, timeout, not no_workers)
+    with json_errors(as_json, {"prefix": None, "workers": None, "keys": None}) as out:
+        inspector = get_inspector(app)
+        out["prefix"] = inspector.prefix
+        with redis_errors(app):
+            states = inspector.held()
+        documents, workers = _describe(app, states, timeout, not no_workers)
+        out.update(workers=workers, keys=documents)
     if as_json:
-        echo_json({"prefix": inspector.prefix, "workers": workers, "keys": documents})
+        echo_json(out)
         return
     for line in inspection.status_lines(documents):
         ctx.obj.echo(line)
@@ -102,35 +121,36 @@ def inspect_key(
 ) -> None:
     """Everything Redis holds for one dedup key, or for the keys of a task id.
 
-    Exits 1 when nothing is stored for it.
+    KEY_OR_TASK_ID is a dedup key as status shows it (32 hex digits), one of
+    its Redis key names (such as dedup:{KEY}:claim), or a task id: then the
+    keys that task holds a claim or a lease member in, or completed.
+
+    Exits 1 when nothing is stored for it, 69 when Redis cannot be read, 78
+    when a setting is missing or invalid (with --json, JSON with an "error").
     """
     app = ctx.obj.app
-    inspector = get_inspector(app)
-    with redis_errors(app):
-        kind, states = find_keys(inspector, target)
-    documents, workers = _describe(app, states, timeout, not no_workers)
+    empty = {"prefix": None, "query": target, "matched": None, "workers": None}
+    with json_errors(as_json, {**empty, "keys": None}) as out:
+        inspector = get_inspector(app)
+        out["prefix"] = inspector.prefix
+        with redis_errors(app):
+            kind, states = find_keys(inspector, target)
+        documents, workers = _describe(app, states, timeout, not no_workers)
+        out.update(matched=kind, workers=workers, keys=documents)
+        if not states:
+            raise CeleryCommandException(
+                message=f"Nothing under prefix {inspector.prefix!r} for {target!r}: "
+                "no such dedup key, and no key held or completed by that task id",
+                exit_code=EX_REFUSED,
+            )
     if as_json:
-        echo_json(
-            {
-                "prefix": inspector.prefix,
-                "query": target,
-                "matched": kind,
-                "workers": workers,
-                "keys": documents,
-            }
-        )
-    else:
-        for index, document in enumerate(documents):
-            if index:
-                ctx.obj.echo("")
-            for line in inspection.inspect_lines(document):
-                ctx.obj.echo(line)
-    if not states:
-        raise CeleryCommandException(
-            message=f"Nothing under prefix {inspector.prefix!r} for {target!r}: no "
-            "such dedup key, and no key held or completed by that task id",
-            exit_code=EX_REFUSED,
-        )
+        echo_json(out)
+        return
+    for index, key_document in enumerate(documents):
+        if index:
+            ctx.obj.echo("")
+        for line in inspection.inspect_lines(key_document):
+            ctx.obj.echo(line)
 
 
 def get_inspector(app: Celery) -> Inspector:
@@ -153,15 +173,22 @@ def redis_errors(app: Celery) -> Iterator[None]:
         ) from exc
 
 
-def find_keys(inspector: Inspector, target: str) -> tuple[str, list[KeyState]]:
-    """``("key", [state])`` when ``target`` names a stored dedup key (its 32
-    hex digits, or one of its Redis key names), else ``("task", states)``."""
+def dedup_key(inspector: Inspector, target: str) -> str | None:
+    """The dedup key ``target`` names (its 32 hex digits, or one of its Redis
+    key names under the prefix), or None: then it can only be a task id."""
     parsed = inspector.layout.parse(target)
-    key = parsed[0] if parsed else target
-    if parsed or inspection.KEY_PATTERN.match(key):
-        state = inspector.key(key)
-        if state is not None:
-            return "key", [state]
+    if parsed:
+        return parsed[0]
+    return target if inspection.KEY_PATTERN.match(target) else None
+
+
+def find_keys(inspector: Inspector, target: str) -> tuple[str, list[KeyState]]:
+    """``("key", [state])`` when ``target`` names a stored dedup key, else
+    ``("task", states)`` (a task id may look like a key)."""
+    key = dedup_key(inspector, target)
+    state = inspector.key(key) if key else None
+    if state is not None:
+        return "key", [state]
     return "task", inspector.task(target)
 
 
@@ -184,6 +211,8 @@ def _describe(
             if info is not None:
                 tasks[task_id] = info
     names = {info.name for info in tasks.values() if info.name}
+    if names - set(app.tasks):
+        _import_task_modules(app)
     modes = {name: _configured_mode(app, name) for name in names}
     now = time.time()
     return [inspection.key_document(s, tasks, modes, now) for s in states], workers
@@ -223,6 +252,23 @@ def _from_backend(app: Celery, task_id: str) -> TaskInfo | None:
         state=None if state == "PENDING" else state,
         source="result backend",
     )
+
+
+def _import_task_modules(app: Celery) -> None:
+    """Import the app's task modules (``imports``, ``include``, autodiscovery)
+    as ``celery shell`` and the worker do, for the tasks ``-A`` alone does not
+    register: in the usual layout, ``proj/celery.py`` does not import
+    ``proj/tasks.py``. It sends ``import_modules`` (which autodiscovery and
+    Django's fixup listen to), no worker signal. A module that fails is one
+    warning: the modes of its tasks stay unknown."""
+    try:
+        app.loader.import_default_modules()
+    except Exception as exc:  # the user's modules: whatever they raise
+        click.echo(
+            f"warning: could not import the app's task modules "
+            f"({type(exc).__name__}: {exc}); the modes of their tasks are unknown",
+            err=True,
+        )
 
 
 def _configured_mode(app: Celery, name: str) -> str | None:

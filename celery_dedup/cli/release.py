@@ -1,21 +1,23 @@
 """``celery -A proj dedup release``: free a stuck dedup key, its fence kept.
 
 A lease that is still being renewed belongs to a running body: it is watched
-first, and released only with ``--force``.
+after the confirmation, and released only with ``--force``.
 """
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+import time
+from collections.abc import Sequence
+from typing import Any
 
 import click
 from celery.bin.base import CeleryCommand
 from celery.exceptions import CeleryCommandException
 
 from .. import inspection
-from ..inspection import Inspector, KeyState
-from ._common import EX_REFUSED, echo_json, json_option, option
-from .keys import find_keys, get_inspector, redis_errors
+from ..inspection import Holder, Inspector, KeyState
+from ._common import EX_REFUSED, echo_json, json_errors, json_option, option
+from .keys import dedup_key, find_keys, get_inspector, redis_errors
 
 _GROUP = "Release Options"
 
@@ -23,7 +25,7 @@ _FREED = "Dedup key {key} was freed meanwhile: nothing left to release"
 
 
 @click.command(cls=CeleryCommand)
-@click.argument("target", metavar="KEY")
+@click.argument("target", metavar="KEY_OR_TASK_ID")
 @option("-y", "--yes", is_flag=True, group=_GROUP, help="Do not ask for confirmation.")
 @option(
     "--force",
@@ -36,10 +38,10 @@ _FREED = "Dedup key {key} was freed meanwhile: nothing left to release"
     type=click.FloatRange(min=0),
     default=None,
     group=_GROUP,
-    help="Seconds to watch a live lease for renewals "
+    help="Seconds to watch a live lease for renewals, from when it is read "
     "[default: a third of its TTL left, plus 1].",
 )
-@json_option(_GROUP)
+@json_option()
 @click.pass_context
 def release(
     ctx: click.Context,
@@ -51,33 +53,47 @@ def release(
     as_json: bool,
     **kwargs: Any,
 ) -> None:
-    """Delete the claim and the lease of a stuck dedup key (KEY or a task id).
+    """Delete the claim and the lease of a stuck dedup key; keep its fence.
 
-    The fencing counter is kept. Exits 1 when it released nothing.
+    KEY_OR_TASK_ID is a dedup key as status shows it (32 hex digits), one of
+    its Redis key names (such as dedup:{KEY}:claim), or a task id that holds
+    exactly one key.
+
+    A live lease may belong to a running body, which renews it within a third
+    of its TTL. Unless --force, the command says how long it will watch the
+    lease for a renewal (--watch), asks (unless --yes), then watches: it
+    refuses at the first renewal, and releases the key if none comes.
+
+    Exits 1 when it released nothing, 69 when Redis cannot be read, 78 when a
+    setting is missing or invalid (with --json, JSON with an "error" then).
     """
     app = ctx.obj.app
-    inspector = get_inspector(app)
-    with redis_errors(app):
-        state = _releasable(inspector, target)
+    with json_errors(as_json, _release_document(None)) as out:
+        inspector = get_inspector(app)
+        out["key"] = dedup_key(inspector, target)
+        with redis_errors(app):
+            state = _releasable(inspector, target)
+        out.update(_release_document(state))
+        deadline = None
         if state.live_leases and not force:
-            state = _refuse_if_renewed(inspector, state, watch, as_json)
-    if not (state.claim or state.leases):
-        _release_failed(state, as_json, _FREED.format(key=state.key))
-    if not yes and not click.confirm(_question(state), default=False, err=True):
-        _release_failed(state, as_json, "Not confirmed: nothing was released")
-    with redis_errors(app):
-        released, found = inspector.release(state, force=force)
-    if released and not (found.claim or found.leases):
-        _release_failed(found, as_json, _FREED.format(key=found.key))
-    if not released:
-        _release_failed(
-            found,
-            as_json,
-            f"Dedup key {state.key} changed since it was read (now: "
-            f"{_parts_text(found)}): nothing was released; run the command again",
-        )
+            deadline = time.monotonic() + _announce_watch(state, watch)
+        if not yes:
+            _confirm(state)
+        with redis_errors(app):
+            if deadline is not None:
+                _refuse_if_renewed(inspector, state, deadline, out, say=not yes)
+            released, found = inspector.release(state, force=force)
+        out.update(_release_document(found))
+        if not (found.claim or found.leases):
+            raise _refusal(_FREED.format(key=found.key))
+        if not released:
+            raise _refusal(
+                f"Dedup key {state.key} changed since it was read (now: "
+                f"{_parts_text(found)}): nothing was released; run the command again"
+            )
+        out.update(released=True, forced=force)
     if as_json:
-        echo_json(_release_document(found, True, force))
+        echo_json(out)
     else:
         ctx.obj.echo(
             f"Released dedup key {found.key}: deleted {_parts_text(found)}; "
@@ -92,61 +108,83 @@ def _releasable(inspector: Inspector, target: str) -> KeyState:
     if kind == "task":
         held = [s for s in held if s.involves(target)]
     if not held:
-        what = "dedup key" if kind == "key" else "task id"
-        raise CeleryCommandException(
-            message=f"Nothing to release for {what} {target!r} under prefix "
-            f"{inspector.prefix!r}: no claim and no lease",
-            exit_code=EX_REFUSED,
+        key = dedup_key(inspector, target)
+        what = f"dedup key {key}" if key else f"task id {target}"
+        raise _refusal(
+            f"Nothing to release for {what} under prefix {inspector.prefix!r}: "
+            "no claim and no lease"
         )
     if len(held) > 1:
         keys = ", ".join(s.key for s in held)
-        raise CeleryCommandException(
-            message=f"Task {target} holds {len(held)} dedup keys ({keys}); "
-            "release them one KEY at a time",
-            exit_code=EX_REFUSED,
+        raise _refusal(
+            f"Task {target} holds {len(held)} dedup keys ({keys}); "
+            "release them one KEY at a time"
         )
     return held[0]
 
 
-def _refuse_if_renewed(
-    inspector: Inspector, state: KeyState, watch: float | None, as_json: bool
-) -> KeyState:
-    """Watch the live lease; refuse (exit 1) if a holder renews it."""
+def _announce_watch(state: KeyState, watch: float | None) -> float:
+    """Say what the watch of the live lease is for and how long it lasts at
+    most; return that time (seconds, counted from the read of ``state``)."""
+    renewal = inspection.watch_time(state, margin=0)
     seconds = inspection.watch_time(state) if watch is None else watch
     click.echo(
-        f"Watching the lease of {state.key} for up to {seconds:.1f}s for "
-        "renewals (--watch to change, --force to skip)...",
+        f"Dedup key {state.key} has a live lease ({_holders_text(state.live_leases)}):"
+        f" a running body renews it within {renewal:.1f}s. Before anything is "
+        f"deleted, the lease is watched for up to {seconds:.1f}s from now, and a "
+        "renewal refuses the release (--force skips the watch).",
         err=True,
     )
-    latest, moved = inspector.watch(state, seconds)
+    return seconds
+
+
+def _refuse_if_renewed(
+    inspector: Inspector,
+    state: KeyState,
+    deadline: float,
+    out: dict[str, Any],
+    say: bool,
+) -> None:
+    """Watch the live lease of ``state`` until ``deadline`` (monotonic time);
+    refuse (exit 1) at the first renewal. ``out`` gets the latest snapshot."""
+    if say:
+        left = max(0.0, deadline - time.monotonic())
+        click.echo(f"Watching the lease for up to {left:.1f}s...", err=True)
+    latest, moved = inspector.watch(state, deadline - time.monotonic())
+    out.update(_release_document(latest))
     if moved:
-        holders = ", ".join(f"task {h.task_id} on {h.worker or '-'}" for h in moved)
-        _release_failed(
-            latest,
-            as_json,
+        raise _refusal(
             f"Refusing to release {state.key}: its lease is being renewed by "
-            f"{holders}, whose body is running. --force releases it anyway "
-            "(the body then loses its lease)",
+            f"{_holders_text(moved)}, whose body is running. --force releases it "
+            "anyway (the body then loses its lease)"
         )
-    return latest
 
 
-def _release_failed(state: KeyState, as_json: bool, message: str) -> NoReturn:
-    if as_json:
-        echo_json({**_release_document(state, False, False), "error": message})
-    raise CeleryCommandException(message=message, exit_code=EX_REFUSED)
+def _confirm(state: KeyState) -> None:
+    """Ask on stderr; refuse unless the answer is yes."""
+    try:
+        confirmed = click.confirm(_question(state), default=False, err=True)
+    except click.Abort:  # end of input (no terminal) or Ctrl-C
+        click.echo(err=True)
+        confirmed = False
+    if not confirmed:
+        raise _refusal("Not confirmed: nothing was released")
 
 
-def _release_document(state: KeyState, released: bool, forced: bool) -> dict[str, Any]:
-    """The ``release --json`` output: what was (or would have been) deleted."""
+def _refusal(message: str) -> CeleryCommandException:
+    return CeleryCommandException(message=message, exit_code=EX_REFUSED)
+
+
+def _release_document(state: KeyState | None) -> dict[str, Any]:
+    """The ``release --json`` output: what the key held (what was deleted,
+    once ``released``), ``None``/empty before the key is known."""
     return {
-        "key": state.key,
-        "released": released,
-        "forced": forced,
-        "claim": state.claim.task_id if state.claim else None,
-        "leases": [h.as_dict() for h in state.leases],
-        "fence": state.fence,
-        "error": None,
+        "key": state.key if state else None,
+        "released": False,
+        "forced": False,
+        "claim": state.claim.task_id if state and state.claim else None,
+        "leases": [h.as_dict() for h in state.leases] if state else [],
+        "fence": state.fence if state else None,
     }
 
 
@@ -157,15 +195,18 @@ def _question(state: KeyState) -> str:
     )
 
 
+def _holders_text(holders: Sequence[Holder]) -> str:
+    return ", ".join(
+        f"task {h.task_id} on {h.worker or '-'}" + ("" if h.live else " (expired)")
+        for h in holders
+    )
+
+
 def _parts_text(state: KeyState) -> str:
     """What the claim and lease set of ``state`` hold, in words."""
     parts = []
     if state.claim:
         parts.append(f"the claim of task {state.claim.task_id}")
     if state.leases:
-        holders = ", ".join(
-            f"task {h.task_id} on {h.worker or '-'}" + ("" if h.live else " (expired)")
-            for h in state.leases
-        )
-        parts.append(f"the lease set ({holders})")
+        parts.append(f"the lease set ({_holders_text(state.leases)})")
     return " and ".join(parts) or "no claim and no lease"

@@ -44,6 +44,19 @@ def check_name(argument: str, value: Any) -> str:
         )
     if len(value) > MAX_NAME:
         raise ConfigurationError(argument, f"at most {MAX_NAME} characters")
+    return check_no_nul(argument, value)
+
+
+def check_no_nul(argument: str, value: str) -> str:
+    """A string without NUL: PostgreSQL cannot store one in text (its drivers
+    fail with a bare ValueError or DataError), so no database gets one."""
+    position = value.find("\x00")
+    if position >= 0:
+        raise ConfigurationError(
+            argument,
+            f"contains a NUL character (\\x00) at index {position}, which "
+            f"PostgreSQL cannot store in text; got {value!r}",
+        )
     return value
 
 

@@ -77,11 +77,13 @@ def insert_if_absent(
     """Insert ``values`` unless a row with the same ``unique`` columns exists.
 
     Returns True if a row was inserted, False if that row was already there.
+    ``values`` may hold SQL expressions (such as an already encoded JSON value),
+    so it goes into the statement, not into the execution's parameters.
     """
     name = conn.dialect.name
     if name in _ON_CONFLICT:
-        stmt = _upsert(name, table).on_conflict_do_nothing()
-        if _wrote(conn, stmt, values, table.c[unique[0]]):
+        stmt = _upsert(name, table).values(dict(values)).on_conflict_do_nothing()
+        if _wrote(conn, stmt, table.c[unique[0]]):
             return True
         if _exists(conn, table, values, unique):
             return False
@@ -91,7 +93,7 @@ def insert_if_absent(
         )
     if is_mysql(conn.dialect):
         try:
-            conn.execute(table.insert(), dict(values))
+            conn.execute(table.insert().values(dict(values)))
         except exc.IntegrityError as error:
             code = getattr(error.orig, "args", (None,))[0]
             if code == _DUPLICATE_KEY and _exists(conn, table, values, unique):
@@ -100,7 +102,7 @@ def insert_if_absent(
         return True
     savepoint = conn.begin_nested()
     try:
-        conn.execute(table.insert(), dict(values))
+        conn.execute(table.insert().values(dict(values)))
     except exc.IntegrityError:
         savepoint.rollback()
         if _exists(conn, table, values, unique):
@@ -143,7 +145,6 @@ def _returning(dialect: Dialect) -> bool:
 def _wrote(
     conn: Connection,
     stmt: postgresql.Insert | sqlite.Insert,
-    values: Mapping[str, Any],
     column: ColumnElement[Any],
 ) -> bool:
     """Run an ``INSERT ... ON CONFLICT``; whether it inserted or updated a row.
@@ -153,8 +154,8 @@ def _wrote(
     from the driver's rowcount (see the module docstring).
     """
     if _returning(conn.dialect):
-        return conn.execute(stmt.returning(column), dict(values)).first() is not None
-    conn.execute(stmt, dict(values))
+        return conn.execute(stmt.returning(column)).first() is not None
+    conn.execute(stmt)
     return bool(conn.execute(select(func.changes())).scalar_one())
 
 
@@ -173,13 +174,13 @@ def advance_fence(conn: Connection, table: Table, key: str, token: int) -> bool:
     if name in _ON_CONFLICT:
         # One statement: insert, or update only where the stored token is not
         # newer. It writes (and returns) a row unless the WHERE rejected it.
-        insert = _upsert(name, table)
+        insert = _upsert(name, table).values(values)
         stmt = insert.on_conflict_do_update(
             index_elements=[c.dedup_key],
             set_={"token": insert.excluded.token},
             where=c.token <= insert.excluded.token,
         )
-        return _wrote(conn, stmt, values, c.token)
+        return _wrote(conn, stmt, c.token)
     if is_mysql(conn.dialect):
         # Insert, or a no-op on a duplicate (its rowcount is not read); either
         # way InnoDB now holds the row's exclusive lock.

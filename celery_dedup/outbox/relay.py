@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 import kombu
@@ -65,6 +65,18 @@ class RelayCounts:
     deleted: int = 0
     #: The broker could not be reached: the batch was released untouched.
     broker_unreachable: bool = False
+    #: Why, then: the error of the publish that found it unreachable.
+    broker_error: str | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing was claimed nor deleted: the pass found nothing to do."""
+        return not (self.claimed or self.deleted)
+
+    def __str__(self) -> str:
+        """``claimed=2 published=2 ...``: the counts on one line."""
+        fields = dataclasses.fields(self)
+        return " ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields)
 
 
 class Relay:
@@ -164,15 +176,26 @@ class Relay:
             self._publish_batch(rows, token, counts)
         if self.retention is not None and time.monotonic() >= self._next_prune:
             counts.deleted = self.prune()
-        logger.debug(
+        # One line per pass that did something; an idle relay polling every
+        # second stays quiet unless DEBUG is on.
+        logger.log(
+            logging.DEBUG if counts.idle else logging.INFO,
             "Outbox relay pass: %s",
             counts,
             extra={"outbox_table": self.outbox.table_name},
         )
         return counts
 
-    def run_forever(self, stop_event: threading.Event) -> None:
-        """Run passes until ``stop_event`` is set; errors are logged, not fatal."""
+    def run_forever(
+        self,
+        stop_event: threading.Event,
+        on_pass: Callable[[RelayCounts], object] | None = None,
+    ) -> None:
+        """Run passes until ``stop_event`` is set; errors are logged, not fatal.
+
+        ``on_pass`` is called with the counts of every pass that completed;
+        what it raises ends the loop.
+        """
         failures = 0
         while not stop_event.is_set():
             try:
@@ -186,6 +209,8 @@ class Relay:
                     extra={"outbox_table": self.outbox.table_name},
                 )
             else:
+                if on_pass is not None:
+                    on_pass(counts)  # outside the try: its errors are not the pass's
                 if counts.broker_unreachable:
                     failures += 1
                     wait = min(self.poll_interval * 2**failures, 60.0)
@@ -243,6 +268,7 @@ class Relay:
                     )
                     released.extend(r.id for r in rows[index:])
                     counts.broker_unreachable = True
+                    counts.broker_error = str(exc) or repr(exc)
                     break
                 failures.append((row, exc))
                 blocked.add(row.aggregate_id)

@@ -10,14 +10,21 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from celery import current_task
-from sqlalchemy import MetaData, Table, func, select, update
+from sqlalchemy import MetaData, Table, exc, func, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from ..config import get_config
+from ..config import DedupConfig, get_config
 from ..exceptions import ConfigurationError, LockLostError
 from ..task import current_fence
 from . import dialects
-from .binding import TableOwner, check_name, check_table_name, transaction_connection
+from .binding import (
+    TableOwner,
+    check_name,
+    check_no_nul,
+    check_table_name,
+    transaction_connection,
+)
+from .encoding import encode_json, encoded
 from .table import MAX_NAME, PARKED, PENDING, fence_table, outbox_table
 from .table import utcnow as _utcnow
 
@@ -48,7 +55,9 @@ class Outbox(TableOwner):
     (an :class:`~sqlalchemy.engine.Engine`, a URL, or None when this process
     only calls :meth:`add`). The tables go into ``metadata`` (a new
     :class:`~sqlalchemy.MetaData` by default), so they can join your Alembic
-    ``target_metadata``.
+    ``target_metadata``. ``max_payload`` is the largest payload :meth:`add`
+    accepts, in bytes of JSON (:meth:`from_app` takes
+    ``dedup_outbox_max_payload``).
     """
 
     def __init__(
@@ -58,8 +67,19 @@ class Outbox(TableOwner):
         table_name: str = "celery_dedup_outbox",
         metadata: MetaData | None = None,
         engine_options: Mapping[str, Any] | None = None,
+        max_payload: int = DedupConfig.outbox_max_payload,
     ) -> None:
         check_table_name(table_name)
+        if (
+            isinstance(max_payload, bool)
+            or not isinstance(max_payload, int)
+            or max_payload < 1
+        ):
+            raise ConfigurationError(
+                "max_payload", f"expected a number of bytes >= 1, got {max_payload!r}"
+            )
+        self.max_payload = max_payload
+        self._max_payload_name = "max_payload"  # what add() calls the limit
         super().__init__(engine_or_url, metadata, engine_options)
         self.table: Table = outbox_table(self.metadata, table_name)
         self.fence_table: Table = fence_table(self.metadata, f"{table_name}_fence")
@@ -81,7 +101,21 @@ class Outbox(TableOwner):
                 "dedup_outbox_url", "set it to the database URL of the outbox"
             )
         check_table_name(config.outbox_table, "dedup_outbox_table")
-        outbox = _by_app[app] = cls(config.outbox_url, table_name=config.outbox_table)
+        try:
+            outbox = cls(
+                config.outbox_url,
+                table_name=config.outbox_table,
+                max_payload=config.outbox_max_payload,
+            )
+        except (exc.ArgumentError, ImportError) as error:
+            # Not a URL, an unknown dialect, or its driver is not installed.
+            # An old SQLAlchemy quotes the whole URL, password included.
+            reason = str(error).replace(config.outbox_url, "<the URL>")
+            raise ConfigurationError(
+                "dedup_outbox_url", f"SQLAlchemy cannot open it: {reason}"
+            ) from error
+        outbox._max_payload_name = "dedup_outbox_max_payload"
+        _by_app[app] = outbox
         return outbox
 
     @property
@@ -112,11 +146,25 @@ class Outbox(TableOwner):
         fencing token, and None disables fencing. If a newer token of that key
         has already written, the caller's transaction is rolled back and
         :class:`~celery_dedup.LockLostError` raised.
+
+        Every argument is checked before the database sees anything: a bad
+        one raises :class:`~celery_dedup.ConfigurationError` naming it (and,
+        in the payload, where the value JSON cannot hold is).
         """
         check_name("event_type", event_type)
         check_name("aggregate_id", aggregate_id)
         if headers is not None and not isinstance(headers, Mapping):
             raise ConfigurationError("headers", f"expected a mapping, got {headers!r}")
+        # Encoded once: the text checked here is the text stored.
+        body = encode_json("payload", payload)
+        if len(body) > self.max_payload:  # ASCII: json.dumps escapes the rest
+            raise ConfigurationError(
+                "payload",
+                f"{len(body)} bytes of JSON, more than {self._max_payload_name} "
+                f"({self.max_payload} bytes); store the data elsewhere and put a "
+                "reference to it in the event",
+            )
+        extra = encode_json("headers", None if headers is None else dict(headers))
         fence = current_fence() if fence is _DEFAULT else _check_fence(fence)
         conn = transaction_connection(session_or_connection, self.table)
         task_id = _current_task_id()
@@ -127,8 +175,8 @@ class Outbox(TableOwner):
             "event_id": event_id(event_type, aggregate_id),
             "event_type": event_type,
             "aggregate_id": aggregate_id,
-            "payload": payload,
-            "headers": dict(headers) if headers is not None else None,
+            "payload": encoded(body),
+            "headers": encoded(extra),
             "fence_key": fence[0] if fence else None,
             "fence_token": fence[1] if fence else None,
             "task_id": task_id,
@@ -221,6 +269,7 @@ def _check_fence(fence: Any) -> tuple[str, int] | None:
             "expected None or (dedup_key, token) with 0 <= token < 2**63, "
             f"got {fence!r}",
         )
+    check_no_nul("fence", fence[0])
     return fence[0], fence[1]
 
 

@@ -1,7 +1,8 @@
 """``celery -A proj dedup status | inspect | release | outbox`` with real workers.
 
 Each command runs as a user runs it (``python -m celery``), against the rig's
-Redis and a worker whose ``close_campaign`` body holds a key for a minute.
+Redis and a worker whose ``close_campaign`` body holds a key for a minute, or
+keys the test writes with the store's own scripts.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ import dataclasses
 import datetime
 import json
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,8 @@ import sqlalchemy as sa
 from celery_dedup.inspection import Inspector
 from celery_dedup.lease import member
 from celery_dedup.outbox import Outbox
-from tests.rig import ROOT, Recorder, RedisServer, Worker, wait_for
+from celery_dedup.store import Store
+from tests.rig import ROOT, Recorder, RedisServer, Worker, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -35,25 +40,43 @@ PAUSE = 60.0  # the body outlives every test; its worker is killed at the end
 
 
 def dedup(
-    redis_server: RedisServer, *args: str, stdin: str = "", **conf: Any
+    redis_server: RedisServer,
+    *args: str,
+    stdin: str = "",
+    app: str = APP,
+    dedup_url: str | None = None,
+    **conf: Any,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``celery -A APP dedup *args`` as a user would."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "DEDUP_TEST_REDIS_URL": redis_server.url(),
-        "DEDUP_TEST_CONF": json.dumps(conf),
-    }
+    """Run ``celery -A app dedup *args`` as a user would (``dedup_url``: the
+    scenario app's dedup_redis_url, when not the rig's Redis)."""
     return subprocess.run(
-        [sys.executable, "-m", "celery", "-A", APP, "dedup", *args],
+        command(app, *args),
         cwd=ROOT,
-        env=env,
+        env=environment(redis_server, dedup_url, conf),
         input=stdin,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def command(app: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", app, "dedup", *args]
+
+
+def environment(
+    redis_server: RedisServer, dedup_url: str | None, conf: dict[str, Any]
+) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "DEDUP_TEST_REDIS_URL": redis_server.url(),
+        "DEDUP_TEST_CONF": json.dumps(conf),
+    }
+    if dedup_url is not None:
+        env["DEDUP_TEST_DEDUP_REDIS_URL"] = dedup_url
+    return env
 
 
 def parsed(done: subprocess.CompletedProcess[str]) -> Any:
@@ -76,9 +99,14 @@ class Held:
 
     def kill(self) -> None:
         """SIGKILL the worker and its pool: nobody frees the key."""
-        if self.worker.process is not None and self.worker.process.poll() is None:
-            os.killpg(self.worker.pid, signal.SIGKILL)
-            self.worker.process.wait(10)
+        kill(self.worker)
+
+
+def kill(worker: Worker) -> None:
+    """SIGKILL ``worker`` and its pool (no warm shutdown waiting for a body)."""
+    if worker.process is not None and worker.process.poll() is None:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.process.wait(10)
 
 
 @pytest.fixture
@@ -331,3 +359,306 @@ def test_outbox_without_a_url_names_the_setting(redis_server: RedisServer) -> No
     done = dedup(redis_server, "outbox")
     assert done.returncode == 78
     assert "dedup_outbox_url: set it to the database URL of the outbox" in done.stderr
+
+
+# -- the standard project layout -------------------------------------------------
+
+PROJ = "tests.apps.proj"  # proj/celery.py names proj/tasks.py in `imports`
+
+
+def test_status_and_inspect_show_the_mode_in_the_standard_layout(
+    workers: Callable[..., Worker],
+    redis_server: RedisServer,
+    redis_client: redis.Redis,
+    queue: str,
+) -> None:
+    # Given a body of a task of proj/tasks.py holding its key, which `-A proj`
+    # alone does not import (the worker does, through `imports`)
+    from tests.apps.proj.celery import configure
+    from tests.apps.proj.tasks import build_report
+
+    configure(redis_server.url())
+    worker = workers(app_module=PROJ, concurrency=1)
+    try:
+        build_report.apply_async((1, PAUSE), queue=queue)
+        key = build_report.dedup_key_for((1, PAUSE))
+        lease = f"dedup:{{{key}}}:lease"
+        wait_for(lambda: redis_client.zcard(lease), 20, "the body to start")
+        # When status and inspect ask the workers
+        text = dedup(redis_server, "status", "--timeout", "1", app=PROJ)
+        report = dedup(redis_server, "status", "--json", "--timeout", "1", app=PROJ)
+        inspected = dedup(redis_server, "inspect", key, "--timeout", "1", app=PROJ)
+        # Then both show the task's mode, in text and in JSON
+        assert text.returncode == 0, text.stderr
+        assert text.stdout.splitlines()[2].split()[:3] == [
+            key,
+            "claim+lease",
+            "until_executed",
+        ]
+        [document] = parsed(report)["keys"]
+        assert (document["task"], document["mode"]) == (
+            f"{PROJ}.tasks.build_report",
+            "until_executed",
+        )
+        assert inspected.returncode == 0, inspected.stderr
+        assert "(mode until_executed, as configured in this app)" in inspected.stdout
+
+        # When a task module of the app cannot be imported
+        broken = dedup(
+            redis_server,
+            "status",
+            "--json",
+            "--timeout",
+            "1",
+            app=PROJ,
+            imports=[f"{PROJ}.missing", f"{PROJ}.tasks"],
+        )
+        # Then the command says so in one line, and goes on without the mode
+        assert broken.returncode == 0, broken.stderr
+        assert broken.stderr.splitlines() == [
+            "warning: could not import the app's task modules (ModuleNotFoundError:"
+            f" No module named '{PROJ}.missing'); the modes of their tasks are unknown"
+        ]
+        [document] = parsed(broken)["keys"]
+        assert (document["task"], document["mode"]) == (
+            f"{PROJ}.tasks.build_report",
+            None,
+        )
+    finally:
+        kill(worker)
+
+
+# -- release: the question, the watch and the refusals ---------------------------
+
+KEY = "5e" * 16
+OTHER = "6f" * 16
+
+
+def hold(
+    redis_client: redis.Redis, key: str = KEY, task_id: str = "t-1", ttl: float = 60
+) -> str:
+    """A claim and a lease member of ``task_id`` in ``key``, taken with the
+    store's scripts as a worker takes them; nobody renews the lease."""
+    store = Store(redis_client, "dedup")
+    store.claim(key, task_id, 3600)
+    holder = member(task_id, "w9@rig", 4242, None)
+    acquired = store.acquire(
+        key, holder, task_id, ttl=ttl, max_running=1, fence_ttl=3600, free_claim=False
+    )
+    assert acquired.token, acquired
+    return holder
+
+
+def release_process(redis_server: RedisServer, *args: str) -> subprocess.Popen[bytes]:
+    """``release *args`` without --yes, for the test to answer its question."""
+    return subprocess.Popen(
+        command(APP, "release", *args),
+        cwd=ROOT,
+        env=environment(redis_server, None, {}),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def until_question(process: subprocess.Popen[bytes], timeout: float) -> str:
+    """What ``process`` wrote on stderr up to its ``[y/N]:`` question."""
+    assert process.stderr is not None
+    text = b""
+    deadline = time.monotonic() + timeout
+    while not text.rstrip().endswith(b"[y/N]:"):
+        left = max(0.0, deadline - time.monotonic())
+        ready, _, _ = select.select([process.stderr], [], [], left)
+        chunk = os.read(process.stderr.fileno(), 4096) if ready else b""
+        if not chunk:
+            raise AssertionError(f"no question within {timeout}s: {text.decode()}")
+        text += chunk
+    return text.decode()
+
+
+def test_release_asks_at_once_and_refuses_a_lease_renewed_meanwhile(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    # Given a live lease with a minute left: watching it for a renewal takes 21 s
+    holder = hold(redis_client, ttl=60)
+    started = time.monotonic()
+    process = release_process(redis_server, KEY, "--json")
+    try:
+        # When release is run without --yes
+        said = until_question(process, timeout=30)
+        asked = time.monotonic() - started
+        # and the body renews its lease while the question waits for an answer
+        assert Store(redis_client, "dedup").renew(KEY, holder, 60)
+        out, err = process.communicate(b"y\n", timeout=30)
+    finally:
+        process.kill()
+    took = time.monotonic() - started
+    # Then the question comes at once, after saying how long the watch lasts
+    assert asked < 5, said
+    assert re.search(r"the lease is watched for up to 2\d\.\ds from now", said), said
+    # And the confirmed release refuses at the renewal, not after the whole watch
+    assert process.returncode == 1, err
+    report = json.loads(out)
+    assert (report["key"], report["released"], report["claim"]) == (KEY, False, "t-1")
+    assert report["error"].startswith(
+        f"Refusing to release {KEY}: its lease is being renewed by task t-1"
+    )
+    assert took < 5, err
+    assert redis_client.exists(f"dedup:{{{KEY}}}:claim", f"dedup:{{{KEY}}}:lease") == 2
+
+
+def test_release_with_nothing_live_asks_at_once(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    # Given a claim whose body is gone: its lease expired
+    hold(redis_client, ttl=0.05)
+    lease = f"dedup:{{{KEY}}}:lease"
+    wait_for(lambda: not redis_client.exists(lease), 5, "the lease to expire")
+    started = time.monotonic()
+    process = release_process(redis_server, KEY)
+    try:
+        # When release is run without --yes, and confirmed
+        said = until_question(process, timeout=30)
+        asked = time.monotonic() - started
+        out, err = process.communicate(b"y\n", timeout=30)
+    finally:
+        process.kill()
+    # Then it asks at once, watches nothing, and releases the key
+    assert asked < 5, said
+    assert "watched" not in said
+    assert process.returncode == 0, err
+    assert out.decode().startswith(
+        f"Released dedup key {KEY}: deleted the claim of task t-1;"
+    )
+    assert time.monotonic() - started < 5
+    assert not redis_client.exists(f"dedup:{{{KEY}}}:claim")
+
+
+def test_release_of_a_gone_holder_asks_first_then_watches(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    # Given a lease with 30 s left that nobody renews: its body is gone, which
+    # only a watch of 30/3 + 1 s can tell
+    hold(redis_client, ttl=30)
+    started = time.monotonic()
+    process = release_process(redis_server, KEY)
+    try:
+        # When release is run without --yes, and confirmed at once
+        said = until_question(process, timeout=30)
+        asked = time.monotonic() - started
+        out, err = process.communicate(b"y\n", timeout=30)
+    finally:
+        process.kill()
+    took = time.monotonic() - started
+    # Then the question comes first, and the watch after it
+    assert asked < 5, said
+    assert process.returncode == 0, err
+    assert 10 <= took < 20, err
+    assert out.decode().startswith(f"Released dedup key {KEY}: deleted the claim")
+    assert not redis_client.exists(f"dedup:{{{KEY}}}:claim", f"dedup:{{{KEY}}}:lease")
+
+
+def test_release_refusals_say_why_in_json(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    # When nothing is stored for a dedup key, given as itself or a Redis key name
+    for target in (KEY, f"dedup:{{{KEY}}}:claim"):
+        done = dedup(redis_server, "release", target, "--yes", "--json")
+        # Then the message names the dedup key, in text and in JSON
+        message = (
+            f"Nothing to release for dedup key {KEY} under prefix 'dedup': "
+            "no claim and no lease"
+        )
+        assert done.returncode == 1, done.stderr
+        assert message in done.stderr
+        assert parsed(done) == {
+            "key": KEY,
+            "released": False,
+            "forced": False,
+            "claim": None,
+            "leases": [],
+            "fence": None,
+            "error": message,
+        }
+    # When a task id holds two keys
+    store = Store(redis_client, "dedup")
+    store.claim(KEY, "t-2", 3600)
+    store.claim(OTHER, "t-2", 3600)
+    done = dedup(redis_server, "release", "t-2", "--yes", "--json")
+    assert done.returncode == 1, done.stderr
+    assert parsed(done)["error"] == (
+        f"Task t-2 holds 2 dedup keys ({KEY}, {OTHER}); release them one KEY at a time"
+    )
+    # When nobody answers the question (no terminal, no --yes)
+    done = dedup(redis_server, "release", OTHER, "--json")
+    assert done.returncode == 1, done.stderr
+    report = parsed(done)
+    assert (report["key"], report["claim"], report["error"]) == (
+        OTHER,
+        "t-2",
+        "Not confirmed: nothing was released",
+    )
+    assert redis_client.exists(f"dedup:{{{OTHER}}}:claim")
+
+
+# -- the conventions: help texts, option groups, JSON on every outcome -----------
+
+
+def test_help_explains_the_arguments_and_orders_the_option_groups(
+    redis_server: RedisServer,
+) -> None:
+    texts, groups = {}, {}
+    for name in ("status", "inspect", "release", "check", "outbox", "relay"):
+        done = dedup(redis_server, name, "--help")
+        assert done.returncode == 0, done.stderr
+        texts[name] = " ".join(done.stdout.split())
+        groups[name] = re.findall(r"^(\w[\w ]*):$", done.stdout, re.MULTILINE)
+    assert "KEY, the first column, is a dedup key: the 32 hex digits" in texts["status"]
+    for name in ("inspect", "release"):
+        assert f"dedup {name} [OPTIONS] KEY_OR_TASK_ID" in texts[name]
+        assert (
+            "KEY_OR_TASK_ID is a dedup key as status shows it (32 hex digits), one "
+            "of its Redis key names (such as dedup:{KEY}:claim), or a task id"
+        ) in texts[name]
+    assert "then watches: it refuses at the first renewal" in texts["release"]
+    assert groups == {
+        "status": ["Lookup Options", "Output Options", "Options"],
+        "inspect": ["Lookup Options", "Output Options", "Options"],
+        "release": ["Release Options", "Output Options", "Options"],
+        "check": ["Check Options", "Output Options", "Options"],
+        "outbox": ["Outbox Options", "Output Options", "Options"],
+        "relay": ["Relay Options", "Output Options", "Options"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "fields"),
+    [
+        (("status",), {"prefix", "workers", "keys"}),
+        (("inspect", KEY), {"prefix", "query", "matched", "workers", "keys"}),
+        (
+            ("release", KEY, "--yes"),
+            {"key", "released", "forced", "claim", "leases", "fence"},
+        ),
+    ],
+    ids=["status", "inspect", "release"],
+)
+def test_json_on_a_redis_outage_and_a_bad_setting(
+    redis_server: RedisServer, args: tuple[str, ...], fields: set[str]
+) -> None:
+    # When the dedup keys' Redis does not answer
+    down = dedup(
+        redis_server, *args, "--json", dedup_url=f"redis://127.0.0.1:{free_port()}/0"
+    )
+    # Then the command exits 69, and its JSON says why
+    assert down.returncode == 69, down.stderr
+    report = parsed(down)
+    assert set(report) == fields | {"error"}
+    assert report["error"].startswith("Could not read Redis at redis://127.0.0.1:")
+    # When dedup_redis_url is not a Redis URL
+    bad = dedup(redis_server, *args, "--json", dedup_url="http://127.0.0.1:6379/0")
+    # Then it exits 78, and its JSON names the setting
+    assert bad.returncode == 78, bad.stderr
+    report = parsed(bad)
+    assert set(report) == fields | {"error"}
+    assert report["error"].startswith("dedup_redis_url: expected a redis://")
