@@ -16,32 +16,22 @@ import pytest
 
 from celery_dedup.exceptions import BackendUnavailableError, LockLostError
 from tests.rig import Recorder, RedisServer, Worker, free_port, held, wait_for
+from tests.scenarios.test_redis_faults import on_dedup_redis, split
 
 pytestmark = pytest.mark.scenario
+__all__ = ["split"]  # a fixture, on this module's dedup_redis
 
 
 @pytest.fixture
 def dedup_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A second Redis, for the dedup keys only, that keeps nothing on disk."""
+    """A second Redis, for the dedup keys only, that keeps nothing on disk
+    (``split`` puts the app's dedup keys on it)."""
     workdir = tmp_path / "dedup-redis"
     workdir.mkdir()
     server = RedisServer(workdir)
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def split(
-    scenario_app: Any, redis_server: RedisServer, dedup_redis: RedisServer
-) -> Iterator[Any]:
-    scenario_app.configure(redis_server.url(), dedup_redis.url())
-    yield scenario_app
-    scenario_app.configure(redis_server.url())
-
-
-def on(dedup_redis: RedisServer) -> dict[str, str]:
-    return {"DEDUP_TEST_DEDUP_REDIS_URL": dedup_redis.url()}
 
 
 def test_a_lease_lost_with_redis_data_says_so(
@@ -52,7 +42,7 @@ def test_a_lease_lost_with_redis_data_says_so(
     queue: str,
 ) -> None:
     # Given a body that runs, its lease renewed every half second
-    workers(concurrency=1, conf={"dedup_lock_ttl": 1.5}, env=on(dedup_redis))
+    workers(concurrency=1, conf={"dedup_lock_ttl": 1.5}, env=on_dedup_redis(dedup_redis))
     result = split.close_campaign.apply_async((50, 4.0), queue=queue)
     wait_for(lambda: recorder.started("close_campaign"), 20, "the body to start")
     # When the dedup Redis restarts without persistence under it
@@ -72,7 +62,7 @@ def test_a_lease_taken_over_says_so(
     queue: str,
 ) -> None:
     client = dedup_redis.client()
-    workers(concurrency=1, conf={"dedup_lock_ttl": 1.5}, env=on(dedup_redis))
+    workers(concurrency=1, conf={"dedup_lock_ttl": 1.5}, env=on_dedup_redis(dedup_redis))
     args = (51, 4.0)
     result = split.close_campaign.apply_async(args, queue=queue)
     wait_for(lambda: recorder.started("close_campaign"), 20, "the body to start")
@@ -100,7 +90,7 @@ def test_redis_down_at_execution_is_one_line_per_reschedule(
     result = split.close_campaign.apply_async(args, queue=queue)
     # When a worker receives it while that Redis is down
     dedup_redis.stop()
-    worker = workers(concurrency=1, conf={"dedup_lock_ttl": 2}, env=on(dedup_redis))
+    worker = workers(concurrency=1, conf={"dedup_lock_ttl": 2}, env=on_dedup_redis(dedup_redis))
     wait_for(lambda: len(recorder.delivered("close_campaign")) >= 3, 30, "redeliveries")
     dedup_redis.start()
     assert result.get(timeout=30) == 52
