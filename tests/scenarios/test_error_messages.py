@@ -42,7 +42,9 @@ def test_a_lease_lost_with_redis_data_says_so(
     queue: str,
 ) -> None:
     # Given a body that runs, its lease renewed every half second
-    workers(concurrency=1, conf={"dedup_lock_ttl": 1.5}, env=on_dedup_redis(dedup_redis))
+    workers(
+        concurrency=1, conf={"dedup_lock_ttl": 1.5}, env=on_dedup_redis(dedup_redis)
+    )
     result = split.close_campaign.apply_async((50, 4.0), queue=queue)
     wait_for(lambda: recorder.started("close_campaign"), 20, "the body to start")
     # When the dedup Redis restarts without persistence under it
@@ -62,7 +64,9 @@ def test_a_lease_taken_over_says_so(
     queue: str,
 ) -> None:
     client = dedup_redis.client()
-    workers(concurrency=1, conf={"dedup_lock_ttl": 1.5}, env=on_dedup_redis(dedup_redis))
+    workers(
+        concurrency=1, conf={"dedup_lock_ttl": 1.5}, env=on_dedup_redis(dedup_redis)
+    )
     args = (51, 4.0)
     result = split.close_campaign.apply_async(args, queue=queue)
     wait_for(lambda: recorder.started("close_campaign"), 20, "the body to start")
@@ -90,7 +94,9 @@ def test_redis_down_at_execution_is_one_line_per_reschedule(
     result = split.close_campaign.apply_async(args, queue=queue)
     # When a worker receives it while that Redis is down
     dedup_redis.stop()
-    worker = workers(concurrency=1, conf={"dedup_lock_ttl": 2}, env=on_dedup_redis(dedup_redis))
+    worker = workers(
+        concurrency=1, conf={"dedup_lock_ttl": 2}, env=on_dedup_redis(dedup_redis)
+    )
     wait_for(lambda: len(recorder.delivered("close_campaign")) >= 3, 30, "redeliveries")
     dedup_redis.start()
     assert result.get(timeout=30) == 52
