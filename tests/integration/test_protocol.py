@@ -550,8 +550,8 @@ class ProtocolMachine(RuleBasedStateMachine):
         except redis.RedisError:
             return  # retried until the lease would have expired
         held = self.live[body.message.key].get(body.member) == body.delivery
-        assert renewed == held, (renewed, body)
-        STATS[f"renew: {renewed}"] += 1
+        assert bool(renewed) == held, (renewed, body)
+        STATS[f"renew: {renewed.name}"] += 1
         if not renewed:
             body.lost = True
 
