@@ -79,6 +79,32 @@ def _key_prefix(setting: str, value: Any) -> str:
     return value
 
 
+#: The keys ``dedup_redis_options`` takes (as ``broker_transport_options``
+#: does for a Sentinel broker), each with the type its value must have.
+REDIS_OPTIONS: Final[dict[str, type]] = {"master_name": str, "sentinel_kwargs": Mapping}
+
+
+def _redis_options(setting: str, value: Any) -> Mapping[str, Any]:
+    # Unknown keys are refused rather than passed to the client: a misspelt
+    # master_name would otherwise surface as a connection error much later.
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(setting, f"expected a mapping, got {value!r}")
+    unknown = sorted(str(k) for k in value if k not in REDIS_OPTIONS)
+    if unknown:
+        raise ConfigurationError(
+            setting,
+            f"unknown option(s) {', '.join(unknown)}; expected "
+            + ", ".join(REDIS_OPTIONS),
+        )
+    for name, kind in REDIS_OPTIONS.items():
+        if name in value and not isinstance(value[name], kind):
+            raise ConfigurationError(
+                f"{setting}[{name!r}]",
+                f"expected a {kind.__name__}, got {value[name]!r}",
+            )
+    return dict(value)
+
+
 def _exchange(setting: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigurationError(
@@ -176,6 +202,7 @@ class DedupConfig:
 
     enabled: bool = True
     redis_url: str | None = None
+    redis_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     key_prefix: str = "dedup"
     lock: Lock = Lock.UNTIL_EXECUTED
     on_conflict: OnConflict = OnConflict.SKIP
@@ -194,6 +221,7 @@ class DedupConfig:
 _SETTINGS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "dedup_enabled": _bool,
     "dedup_redis_url": _optional_str,
+    "dedup_redis_options": _redis_options,
     "dedup_key_prefix": _key_prefix,
     "dedup_lock": TASK_OPTIONS["dedup_lock"],
     "dedup_on_conflict": TASK_OPTIONS["dedup_on_conflict"],

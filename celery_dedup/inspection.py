@@ -19,9 +19,10 @@ import dataclasses
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import redis
+from redis.cluster import RedisCluster
 
 from .lease import task_of
 from .store import DONE_PART, HELD_PARTS, Layout, Store
@@ -145,15 +146,32 @@ class TaskInfo:
 # -- finding keys ---------------------------------------------------------------
 
 
+def servers(client: redis.Redis | RedisCluster) -> list[redis.Redis]:
+    """A client of each server holding keys: the one server, or every primary
+    of a cluster (a replica holds copies, which would be read twice)."""
+    if isinstance(client, RedisCluster):
+        # Asked each time: a failover or resharding moves slots between nodes.
+        primaries = client.get_primaries()  # type: ignore[no-untyped-call]
+        return [client.get_redis_connection(node) for node in primaries]
+    return [client]
+
+
 def scan(
-    client: redis.Redis, layout: Layout, key: str = "*", count: int = 1000
+    client: redis.Redis | RedisCluster,
+    layout: Layout,
+    key: str = "*",
+    count: int = 1000,
 ) -> dict[str, set[str]]:
-    """The parts stored under each dedup key (all keys, or only ``key``)."""
+    """The parts stored under each dedup key (all keys, or only ``key``).
+
+    On a cluster each primary is scanned in turn, explicitly: SCAN walks one
+    server's keys only."""
     parts: dict[str, set[str]] = {}
-    for name in client.scan_iter(match=layout.pattern(key), count=count):
-        parsed = layout.parse(name)
-        if parsed is not None:
-            parts.setdefault(parsed[0], set()).add(parsed[1])
+    for server in servers(client):
+        for name in server.scan_iter(match=layout.pattern(key), count=count):
+            parsed = layout.parse(name)
+            if parsed is not None:
+                parts.setdefault(parsed[0], set()).add(parsed[1])
     return parts
 
 
@@ -193,18 +211,41 @@ def _state(key: str, reply: Sequence[Any]) -> KeyState:
 class Inspector:
     """Reads (and releases) the dedup keys under one prefix of one Redis."""
 
-    def __init__(self, client: redis.Redis, prefix: str, batch: int = 200) -> None:
+    def __init__(
+        self, client: redis.Redis | RedisCluster, prefix: str, batch: int = 200
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self.batch = batch
-        self.store = Store(client, prefix)
+        # Store needs only scripts, which RedisCluster runs on the keys' slot.
+        self.store = Store(cast(redis.Redis, client), prefix)
         self.layout = self.store.layout
 
     def read(self, keys: Iterable[str]) -> list[KeyState]:
         """Each key's snapshot, ``batch`` keys per round trip, in order."""
         keys = list(keys)
-        replies = self.store.read(keys, self.batch)
-        return [_state(k, r) for k, r in zip(keys, replies, strict=True)]
+        return [_state(k, r) for k, r in zip(keys, self._read(keys), strict=True)]
+
+    def _read(self, keys: list[str]) -> list[list[Any]]:
+        """READ's replies for ``keys``, in order (a key given twice is read once)."""
+        if not isinstance(self.client, RedisCluster):
+            return self.store.read(keys, self.batch)
+        # A cluster pipeline refuses EVALSHA: each primary's keys are read in
+        # a pipeline on that primary's own client instead, which loads the
+        # script first if the server lacks it. A slot moved meanwhile (a
+        # resharding) fails the read with MOVED: the command can be run again.
+        nodes: dict[str, Any] = {}
+        by_node: dict[str, list[str]] = {}
+        for key in dict.fromkeys(keys):
+            claim = self.layout.names(key).claim
+            node = self.client.get_node_from_key(claim)  # type: ignore[no-untyped-call]
+            nodes[node.name] = node
+            by_node.setdefault(node.name, []).append(key)
+        replies: dict[str, list[Any]] = {}
+        for name, some in by_node.items():
+            server = Store(self.client.get_redis_connection(nodes[name]), self.prefix)
+            replies.update(zip(some, server.read(some, self.batch), strict=True))
+        return [replies[k] for k in keys]
 
     def held(self) -> list[KeyState]:
         """Every key a claim or an unexpired lease holds, sorted by key."""

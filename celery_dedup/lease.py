@@ -11,6 +11,10 @@ thread: a release that failed (retried until its keys would have expired
 anyway), a dead child's lease (freed once the process is gone), a revoked
 message's claim. :meth:`Heartbeat.flush` runs what is left when the process
 exits, so a key never stays held because a process ended.
+
+Under the ``gevent`` and ``eventlet`` pools, threading is monkey-patched and
+the heartbeat is a greenlet: it renews only while the body yields to the
+event loop. The first lease of such a process logs a warning saying so.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +47,38 @@ RETRY: Final = 1.0
 
 #: Numbers this process's leases, so that no two deliveries share a member.
 _deliveries = itertools.count(1)
+#: Whether this process already warned that its heartbeat is a greenlet.
+_warned_green = False
+
+GREEN_WARNING: Final = (
+    "celery-dedup: threads are %s greenlets in this process, so the lease "
+    "heartbeat renews only while a body yields (I/O, sleep). A body that "
+    "computes without yielding for more than about two thirds of "
+    "dedup_lock_ttl can lose its lease and end with LockLostError, and "
+    "another body of its key may start meanwhile: keep dedup_lock_ttl well "
+    "above the longest such stretch."
+)
+
+
+def green_threads() -> str | None:
+    """The library whose monkey-patching made this process's threads
+    greenlets ("gevent", "eventlet"), or None for real threads."""
+    gevent_monkey = sys.modules.get("gevent.monkey")
+    if gevent_monkey is not None and gevent_monkey.is_module_patched("threading"):
+        return "gevent"
+    patcher = sys.modules.get("eventlet.patcher")
+    if patcher is not None and patcher.is_monkey_patched("thread"):
+        return "eventlet"
+    return None
+
+
+def _warn_if_green() -> None:
+    """Warn once per process when the heartbeat cannot run beside a body."""
+    global _warned_green  # noqa: PLW0603
+    library = green_threads()
+    if library is not None and not _warned_green:
+        _warned_green = True
+        logger.warning(GREEN_WARNING, library)
 
 
 def holder(task_id: str, hostname: str | None, pid: int, thread: int | None) -> str:
@@ -228,6 +265,7 @@ class Heartbeat:
             self._reset()
         with self._wake:
             if self._thread is None or not self._thread.is_alive():
+                _warn_if_green()
                 self._thread = threading.Thread(
                     target=self._loop, name="celery-dedup-heartbeat", daemon=True
                 )

@@ -17,7 +17,6 @@ from celery import Task, current_task
 from celery.canvas import Signature
 from celery.result import AsyncResult
 from celery.utils import uuid
-from kombu.utils.url import maybe_sanitize_url
 
 from . import execution, model, notify
 from .config import (
@@ -27,7 +26,7 @@ from .config import (
     resolve,
     validate_task_option,
 )
-from .connection import get_backend, redis_url
+from .connection import display_url, get_backend
 from .exceptions import (
     BackendUnavailableError,
     ConfigurationError,
@@ -264,7 +263,7 @@ class DedupTask(_TaskBase):
         if not isinstance(answer, Claim):  # Redis failed
             if decision.raise_unavailable:
                 raise BackendUnavailableError(
-                    "the enqueue claim", answer, maybe_sanitize_url(redis_url(self.app))
+                    "the enqueue claim", answer, display_url(self.app)
                 ) from answer
             # A republish (retry, reschedule) keeps what its stamp holds: the
             # caller logs its own decision, once.

@@ -18,11 +18,10 @@ from celery.bin.base import CeleryCommand
 from celery.exceptions import CeleryCommandException
 from celery.platforms import EX_UNAVAILABLE
 from kombu.exceptions import OperationalError
-from kombu.utils.url import maybe_sanitize_url
 
 from .. import inspection
 from ..config import get_config, resolve
-from ..connection import get_backend, redis_url
+from ..connection import display_url, get_backend
 from ..inspection import Inspector, KeyState, TaskInfo
 from ._common import (
     EX_REFUSED,
@@ -167,8 +166,7 @@ def redis_errors(app: Celery) -> Iterator[None]:
         yield
     except redis.RedisError as exc:
         raise CeleryCommandException(
-            message=f"Could not read Redis at {maybe_sanitize_url(redis_url(app))}: "
-            f"{exc}",
+            message=f"Could not read Redis at {display_url(app)}: {exc}",
             exit_code=EX_UNAVAILABLE,
         ) from exc
 
