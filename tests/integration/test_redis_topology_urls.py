@@ -186,7 +186,7 @@ def test_redis_down_at_enqueue_names_the_topology_password_masked(url: str) -> N
     url = url.format(p=free_port(), q=free_port())
     app = app_with(dedup_redis_url=url)
 
-    @app.task(base=DedupTask)
+    @app.task(base=DedupTask, name=f"down-{uuid.uuid4().hex}", shared=False)
     def job(n: int) -> int:
         return n
 

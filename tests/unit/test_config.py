@@ -203,7 +203,7 @@ def test_durations_reach_from_a_millisecond_to_the_bound() -> None:
 
 
 def test_a_per_call_infinite_ttl_is_refused_naming_it(celery_app: Celery) -> None:
-    @celery_app.task(base=DedupTask)
+    @celery_app.task(base=DedupTask, shared=False)
     def job(n: int) -> int:
         return n
 
