@@ -18,7 +18,7 @@ import re
 import urllib.parse
 import weakref
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis import Redis
@@ -297,7 +297,7 @@ def get_backend(app: Celery) -> Backend:
                 _hold_across_fork(each.connection_pool)
         # Store only registers scripts and runs them: RedisCluster has both,
         # with each script routed to the slot of its keys (one hash tag).
-        store = Store(cast(Redis, client), config.key_prefix)
+        store = Store(client, config.key_prefix)
 
         def renew(lease: Lease) -> Renewal:
             return store.renew(lease.key, lease.member, lease.ttl, client=heartbeat)

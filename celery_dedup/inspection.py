@@ -19,7 +19,7 @@ import dataclasses
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import redis
 from redis.cluster import RedisCluster
@@ -217,35 +217,14 @@ class Inspector:
         self.client = client
         self.prefix = prefix
         self.batch = batch
-        # Store needs only scripts, which RedisCluster runs on the keys' slot.
-        self.store = Store(cast(redis.Redis, client), prefix)
+        self.store = Store(client, prefix)
         self.layout = self.store.layout
 
     def read(self, keys: Iterable[str]) -> list[KeyState]:
         """Each key's snapshot, ``batch`` keys per round trip, in order."""
         keys = list(keys)
-        return [_state(k, r) for k, r in zip(keys, self._read(keys), strict=True)]
-
-    def _read(self, keys: list[str]) -> list[list[Any]]:
-        """READ's replies for ``keys``, in order (a key given twice is read once)."""
-        if not isinstance(self.client, RedisCluster):
-            return self.store.read(keys, self.batch)
-        # A cluster pipeline refuses EVALSHA: each primary's keys are read in
-        # a pipeline on that primary's own client instead, which loads the
-        # script first if the server lacks it. A slot moved meanwhile (a
-        # resharding) fails the read with MOVED: the command can be run again.
-        nodes: dict[str, Any] = {}
-        by_node: dict[str, list[str]] = {}
-        for key in dict.fromkeys(keys):
-            claim = self.layout.names(key).claim
-            node = self.client.get_node_from_key(claim)  # type: ignore[no-untyped-call]
-            nodes[node.name] = node
-            by_node.setdefault(node.name, []).append(key)
-        replies: dict[str, list[Any]] = {}
-        for name, some in by_node.items():
-            server = Store(self.client.get_redis_connection(nodes[name]), self.prefix)
-            replies.update(zip(some, server.read(some, self.batch), strict=True))
-        return [replies[k] for k in keys]
+        replies = self.store.read(keys, self.batch)
+        return [_state(k, r) for k, r in zip(keys, replies, strict=True)]
 
     def held(self) -> list[KeyState]:
         """Every key a claim or an unexpired lease holds, sorted by key."""

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import redis
+from redis.cluster import RedisCluster
 
 from .model import ClaimStatus, LeaseStatus, Renewal
 
@@ -312,7 +313,7 @@ class Acquired:
 class Store:
     """The scripts of :mod:`celery_dedup.store` on one Redis client."""
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    def __init__(self, client: redis.Redis | RedisCluster, prefix: str) -> None:
         self.client = client
         self.layout = Layout(prefix)
         self._claim = client.register_script(CLAIM)
@@ -429,6 +430,8 @@ class Store:
 
     def read(self, keys: Sequence[str], batch: int = 200) -> list[list[Any]]:
         """READ's raw answer for each of ``keys``, ``batch`` per round trip."""
+        if isinstance(self.client, RedisCluster):
+            return self._read_on_cluster(keys, batch)
         replies: list[list[Any]] = []
         for start in range(0, len(keys), batch):
             pipe = self.client.pipeline(transaction=False)
@@ -436,6 +439,26 @@ class Store:
                 self._read(keys=self.names(key).keys(), client=pipe)
             replies += pipe.execute()
         return replies
+
+    def _read_on_cluster(self, keys: Sequence[str], batch: int) -> list[list[Any]]:
+        """:meth:`read` on a cluster, whose pipeline refuses EVALSHA: each
+        node's keys in a pipeline on that node's own client, which loads the
+        script first if the node lacks it. A slot moved meanwhile (a
+        resharding) fails the read with MOVED: read again."""
+        cluster: Any = self.client
+        nodes: dict[str, Any] = {}
+        by_node: dict[str, list[str]] = {}
+        for key in dict.fromkeys(keys):
+            node = cluster.get_node_from_key(self.names(key).claim)
+            nodes[node.name] = node
+            by_node.setdefault(node.name, []).append(key)
+        replies: dict[str, list[Any]] = {}
+        for name, some in by_node.items():
+            server = Store(
+                cluster.get_redis_connection(nodes[name]), self.layout.prefix
+            )
+            replies.update(zip(some, server.read(some, batch), strict=True))
+        return [replies[key] for key in keys]
 
     def force_release(
         self, key: str, claim: str, members: Sequence[str], force: bool
