@@ -7,8 +7,10 @@ options in one order: first its own, under ``"<Command> Options"`` (such as
 (:data:`LOOKUP_GROUP`); then the output options (:data:`OUTPUT_GROUP`, that is
 :func:`json_option`). Celery's ``Options`` (``--help``) come last.
 
-A command's argument is described in its docstring, as Celery's own commands
-do: click arguments have no help text.
+The argument of ``inspect`` and ``release`` (:func:`target_argument`) is
+listed first, under :data:`ARGUMENTS_GROUP`, on every click version (click
+8.5.1 began listing arguments, and Celery would put them under ``Options``);
+the command's docstring describes it in full.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ EX_REFUSED = 1
 #: A setting the command needs is missing or invalid (sysexits' EX_CONFIG).
 EX_CONFIG = 78
 
+#: The argument of ``inspect`` and ``release``: before every option group.
+ARGUMENTS_GROUP = "Arguments"
 #: The ``--timeout`` and ``--no-workers`` of ``status`` and ``inspect``.
 LOOKUP_GROUP = "Lookup Options"
 #: ``--json``: after the other groups.
@@ -42,6 +46,29 @@ F = TypeVar("F", bound=Callable[..., Any])
 def option(*decls: str, group: str, **attrs: Any) -> Callable[[F], F]:
     """A ``click.option`` listed under the heading ``group`` in ``--help``."""
     return click.option(*decls, cls=CeleryOption, help_group=group, **attrs)
+
+
+class _Argument(click.Argument):
+    """A click argument with a help row under :data:`ARGUMENTS_GROUP`."""
+
+    help_group = ARGUMENTS_GROUP
+
+    def __init__(self, *decls: Any, help_text: str, **attrs: Any) -> None:
+        super().__init__(*decls, **attrs)
+        self.help_text = help_text
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str]:
+        return str(self.metavar), self.help_text  # set by target_argument
+
+
+def target_argument() -> Callable[[F], F]:
+    """``KEY_OR_TASK_ID``, the argument of ``inspect`` and ``release``."""
+    return click.argument(
+        "target",
+        metavar="KEY_OR_TASK_ID",
+        cls=_Argument,
+        help_text="A dedup key, one of its Redis key names, or a task id.",
+    )
 
 
 def json_option() -> Callable[[F], F]:

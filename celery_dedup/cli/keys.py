@@ -32,6 +32,7 @@ from ._common import (
     json_errors,
     json_option,
     option,
+    target_argument,
 )
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ def status(
 
 
 @click.command("inspect", cls=CeleryCommand)
-@click.argument("target", metavar="KEY_OR_TASK_ID")
+@target_argument()
 @_lookup_options
 @click.pass_context
 def inspect_key(

@@ -16,7 +16,14 @@ from celery.exceptions import CeleryCommandException
 
 from .. import inspection
 from ..inspection import Holder, Inspector, KeyState
-from ._common import EX_REFUSED, echo_json, json_errors, json_option, option
+from ._common import (
+    EX_REFUSED,
+    echo_json,
+    json_errors,
+    json_option,
+    option,
+    target_argument,
+)
 from .keys import dedup_key, find_keys, get_inspector, redis_errors
 
 _GROUP = "Release Options"
@@ -25,7 +32,7 @@ _FREED = "Dedup key {key} was freed meanwhile: nothing left to release"
 
 
 @click.command(cls=CeleryCommand)
-@click.argument("target", metavar="KEY_OR_TASK_ID")
+@target_argument()
 @option("-y", "--yes", is_flag=True, group=_GROUP, help="Do not ask for confirmation.")
 @option(
     "--force",

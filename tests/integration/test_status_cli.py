@@ -623,8 +623,8 @@ def test_help_explains_the_arguments_and_orders_the_option_groups(
     assert "then watches: it refuses at the first renewal" in texts["release"]
     assert groups == {
         "status": ["Lookup Options", "Output Options", "Options"],
-        "inspect": ["Lookup Options", "Output Options", "Options"],
-        "release": ["Release Options", "Output Options", "Options"],
+        "inspect": ["Arguments", "Lookup Options", "Output Options", "Options"],
+        "release": ["Arguments", "Release Options", "Output Options", "Options"],
         "check": ["Check Options", "Output Options", "Options"],
         "outbox": ["Outbox Options", "Output Options", "Options"],
         "relay": ["Relay Options", "Output Options", "Options"],
