@@ -10,6 +10,7 @@ from .connection import redis_url
 from .exceptions import ConfigurationError
 from .execution import is_dedup_task
 from .keys import check_key_names
+from .lease import warn_if_green
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -65,6 +66,13 @@ def problems(app: Celery) -> list[str]:
                 f"{task.name}: dedup_lock_ttl ({opts.lock_ttl:g}s) is under a "
                 "second: a renewal slower than a third of it loses the lease"
             )
+        if config.lease_replicas and config.lease_replicas_timeout > opts.lock_ttl / 3:
+            found.append(
+                f"{task.name}: dedup_lease_replicas_timeout "
+                f"({config.lease_replicas_timeout:g}s) is over a third of its "
+                f"dedup_lock_ttl ({opts.lock_ttl:g}s): a renewal waiting that "
+                "long for replicas can lose the lease"
+            )
         limit = task.time_limit or app.conf.task_time_limit
         if opts.lock == "until_executed" and limit and opts.ttl < limit:
             found.append(
@@ -88,3 +96,5 @@ def check_at_start(sender: Any = None, **_: Any) -> None:
         raise SystemExit(f"celery-dedup: {exc}") from exc
     for problem in found:
         logger.warning("celery-dedup: %s", problem)
+    if get_config(app).enabled:
+        warn_if_green()  # a gevent or eventlet worker: say so at start-up

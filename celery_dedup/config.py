@@ -149,6 +149,14 @@ def _byte_count(setting: str, value: Any) -> int:
     return value
 
 
+def _replicas(setting: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(
+            setting, f"expected a number of replicas (an integer >= 0), got {value!r}"
+        )
+    return value
+
+
 def _max_running(setting: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(setting, f"expected an integer >= 1, got {value!r}")
@@ -209,6 +217,8 @@ class DedupConfig:
     ttl: float = 3600.0
     lock_ttl: float = 60.0
     done_ttl: float = 7200.0
+    lease_replicas: int = 0
+    lease_replicas_timeout: float = 1.0
     tasks: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     on_redis_error: OnRedisError = OnRedisError.RAISE
     outbox_url: str | None = None
@@ -228,6 +238,8 @@ _SETTINGS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "dedup_ttl": _duration,
     "dedup_lock_ttl": _duration,
     "dedup_done_ttl": _duration,
+    "dedup_lease_replicas": _replicas,
+    "dedup_lease_replicas_timeout": _duration,
     "dedup_tasks": _tasks,
     "dedup_on_redis_error": lambda s, v: _choice(s, v, REDIS_ERROR_RULES),
     "dedup_outbox_url": _optional_str,

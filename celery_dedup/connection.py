@@ -293,11 +293,15 @@ def get_backend(app: Celery) -> Backend:
         # Renewals get their own connections, with short timeouts.
         heartbeat = _client(target, _HEARTBEAT_TIMEOUT)
         for each in (client, heartbeat):
-            if isinstance(each, Redis):
-                _hold_across_fork(each.connection_pool)
+            _hold_across_fork(each)
         # Store only registers scripts and runs them: RedisCluster has both,
         # with each script routed to the slot of its keys (one hash tag).
-        store = Store(client, config.key_prefix)
+        store = Store(
+            client,
+            config.key_prefix,
+            replicas=config.lease_replicas,
+            replica_timeout=config.lease_replicas_timeout,
+        )
 
         def renew(lease: Lease) -> Renewal:
             return store.renew(lease.key, lease.member, lease.ttl, client=heartbeat)
@@ -307,21 +311,46 @@ def get_backend(app: Celery) -> Backend:
         return backend
 
 
-def _hold_across_fork(pool: object) -> None:
-    """Hold a connection pool's lock across ``fork()``.
+def _hold_across_fork(client: Client) -> None:
+    """Hold a client's locks across ``fork()``.
 
-    The worker's main process uses its pools from the background thread
+    The worker's main process uses its clients from the background thread
     (deferred releases) while billiard forks new children. A child forked
-    while that thread held the pool's lock inherits it locked, and redis-py's
-    reset of the pool in the child (``_checkpid``) then waits on it forever.
+    while that thread held a connection pool's lock inherits it locked, and
+    redis-py's reset of the pool in the child (``_checkpid``) then waits on it
+    forever. A cluster client has a pool per node, created as nodes appear,
+    and the locks of its nodes map: those are taken first, in redis-py's own
+    order (initialisation, then the map), then every pool's.
     """
-    lock = getattr(pool, "_lock", None)
-    if lock is not None and hasattr(lock, "acquire"):
-        os.register_at_fork(
-            before=lock.acquire,
-            after_in_parent=lock.release,
-            after_in_child=lock.release,
-        )
+    held: list[Any] = []
+
+    def locks() -> list[Any]:
+        if isinstance(client, RedisCluster):
+            manager = client.nodes_manager
+            found = [
+                getattr(manager, "_initialization_lock", None),
+                getattr(manager, "_lock", None),
+            ]
+            pools = [
+                node.redis_connection.connection_pool
+                for node in list(manager.nodes_cache.values())
+                if node.redis_connection is not None
+            ]
+        else:
+            found, pools = [], [client.connection_pool]
+        found += [getattr(pool, "_lock", None) for pool in pools]
+        return [lock for lock in found if hasattr(lock, "acquire")]
+
+    def before() -> None:
+        for lock in locks():
+            lock.acquire()
+            held.append(lock)
+
+    def after() -> None:
+        while held:
+            held.pop().release()
+
+    os.register_at_fork(before=before, after_in_parent=after, after_in_child=after)
 
 
 def live_backends() -> list[Backend]:

@@ -14,7 +14,8 @@ exits, so a key never stays held because a process ended.
 
 Under the ``gevent`` and ``eventlet`` pools, threading is monkey-patched and
 the heartbeat is a greenlet: it renews only while the body yields to the
-event loop. The first lease of such a process logs a warning saying so.
+event loop. Such a worker logs a warning saying so as it starts (or, in a
+process that has no start-up, at its first lease).
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ def green_threads() -> str | None:
     return None
 
 
-def _warn_if_green() -> None:
-    """Warn once per process when the heartbeat cannot run beside a body."""
+def warn_if_green() -> None:
+    """Warn once per process when the heartbeat cannot run beside a body
+    (at ``worker_init``, and at the first lease)."""
     global _warned_green  # noqa: PLW0603
     library = green_threads()
     if library is not None and not _warned_green:
@@ -265,7 +267,7 @@ class Heartbeat:
             self._reset()
         with self._wake:
             if self._thread is None or not self._thread.is_alive():
-                _warn_if_green()
+                warn_if_green()
                 self._thread = threading.Thread(
                     target=self._loop, name="celery-dedup-heartbeat", daemon=True
                 )

@@ -17,13 +17,20 @@ Every script takes its KEYS in that one order: ``claim, lease, fence, done``
 (the done marker of the task id in its ARGV), as :meth:`KeyNames.keys` lists
 them, whether it uses all of them or not. Answers are the enums of
 :mod:`celery_dedup.model`.
+
+A Redis with replicas acknowledges a write before its replicas have it; a
+failover then can lose an acquired lease (and a second holder start, whose
+newer fence the outbox refuses to the first). With ``replicas`` > 0, every
+acquire and renewal is followed on the same connection by ``WAIT replicas
+timeout``, and one that too few replicas acknowledged counts as a Redis error
+(:class:`NotReplicated`), which ``dedup_on_redis_error`` decides on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import redis
@@ -299,6 +306,11 @@ class Claim:
     holder: str
 
 
+class NotReplicated(redis.RedisError):
+    """A lease write that fewer replicas than ``dedup_lease_replicas``
+    acknowledged in time: a failover could lose it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Acquired:
     """What ACQUIRE answered: a status, and the token or the holder and wait."""
@@ -313,9 +325,18 @@ class Acquired:
 class Store:
     """The scripts of :mod:`celery_dedup.store` on one Redis client."""
 
-    def __init__(self, client: redis.Redis | RedisCluster, prefix: str) -> None:
+    def __init__(
+        self,
+        client: redis.Redis | RedisCluster,
+        prefix: str,
+        *,
+        replicas: int = 0,
+        replica_timeout: float = 1.0,
+    ) -> None:
         self.client = client
         self.layout = Layout(prefix)
+        self.replicas = replicas
+        self.replica_timeout = replica_timeout
         self._claim = client.register_script(CLAIM)
         self._confirm = client.register_script(CONFIRM)
         self._release_claim = client.register_script(RELEASE_CLAIM)
@@ -365,21 +386,26 @@ class Store:
     ) -> Acquired:
         """Try to take the lease (see ACQUIRE); ``claim_ttl`` > 0 also takes
         the claim, for that long, if it is free."""
-        reply = self._acquire(
-            keys=self.names(key).keys(task_id),
-            args=[
-                member,
-                task_id,
-                ms(ttl),
-                max_running,
-                ms(fence_ttl),
-                "1" if free_claim else "0",
-                ms(claim_ttl, 0),
-            ],
+        names = self.names(key).keys(task_id)
+        argv: list[str | int] = [
+            member,
+            task_id,
+            ms(ttl),
+            max_running,
+            ms(fence_ttl),
+            "1" if free_claim else "0",
+            ms(claim_ttl, 0),
+        ]
+        reply, acked = self._replicated(
+            key, None, lambda c: self._acquire(keys=names, args=argv, client=c)
         )
         status = LeaseStatus(int(reply[0]))
         if status is LeaseStatus.ACQUIRED:
-            return Acquired(status, token=int(reply[1]), took_claim=bool(reply[2]))
+            took_claim = bool(reply[2])
+            if acked < self.replicas:
+                self.release(key, member, task_id, free_claim=took_claim, done_ttl=0)
+                raise self._not_replicated("acquire", key, acked)
+            return Acquired(status, token=int(reply[1]), took_claim=took_claim)
         if status is LeaseStatus.DONE:
             return Acquired(status)
         wait = max(0, int(reply[1])) / 1000
@@ -391,12 +417,38 @@ class Store:
 
         ``client``: another connection to the same Redis (the heartbeat's).
         """
-        return Renewal(
-            int(
-                self._renew(
-                    keys=self.names(key).keys(), args=[member, ms(ttl)], client=client
-                )
-            )
+        names, argv = self.names(key).keys(), [member, str(ms(ttl))]
+        reply, acked = self._replicated(
+            key, client, lambda c: self._renew(keys=names, args=argv, client=c)
+        )
+        renewal = Renewal(int(reply))
+        if renewal is Renewal.RENEWED and acked < self.replicas:
+            raise self._not_replicated("renewal", key, acked)
+        return renewal
+
+    def _replicated(
+        self, key: str, client: Any, script: Callable[[Any], Any]
+    ) -> tuple[Any, int]:
+        """Run ``script(client)``; with :attr:`replicas`, follow it with WAIT
+        on the same connection (a pipeline on the node of ``key``) and say
+        how many replicas acknowledged it."""
+        client = client or self.client
+        if not self.replicas:
+            return script(client), 0
+        if isinstance(client, RedisCluster):  # its pipeline refuses EVALSHA
+            cluster: Any = client
+            node = cluster.get_node_from_key(self.names(key).claim)
+            client = cluster.get_redis_connection(node)
+        pipe = client.pipeline(transaction=False)
+        script(pipe)
+        pipe.execute_command("WAIT", self.replicas, ms(self.replica_timeout))
+        reply, acked = pipe.execute()
+        return reply, int(acked)
+
+    def _not_replicated(self, what: str, key: str, acked: int) -> NotReplicated:
+        return NotReplicated(
+            f"the lease {what} of {key} reached {acked} of {self.replicas} "
+            f"replica(s) within {self.replica_timeout:g}s (dedup_lease_replicas)"
         )
 
     def release(

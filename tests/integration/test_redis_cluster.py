@@ -7,6 +7,10 @@ restart) is loaded again on the next call.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -91,6 +95,47 @@ def test_the_heartbeat_renews_through_its_own_cluster_client(
     assert backend.heartbeat_redis is not backend.redis
     renewed = backend.store.renew(key, held_by, 30, client=backend.heartbeat_redis)
     assert renewed is Renewal.RENEWED
+
+
+def test_a_child_forked_while_a_thread_uses_a_node_pool_can_use_the_cluster(
+    backend: Backend,
+) -> None:
+    # Given a client whose node pools have connections (as the worker's main
+    # process has), and a thread inside one pool's lock (a deferred release)
+    key = next(iter(keys_on_each_master(backend).values()))
+    lease_cycle(backend.store, key)
+    node = backend.redis.get_node_from_key(backend.store.names(key).claim)
+    pool = node.redis_connection.connection_pool
+    inside = threading.Event()
+
+    def use_the_pool() -> None:
+        with pool._lock:
+            inside.set()
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=use_the_pool)
+    thread.start()
+    inside.wait()
+    # When the process forks a child (as billiard does) meanwhile
+    pid = os.fork()
+    if pid == 0:  # the child: the inherited client must work
+        try:
+            lease_cycle(backend.store, uuid.uuid4().hex)
+            lease_cycle(backend.store, key)
+        except BaseException:
+            os._exit(1)
+        os._exit(0)
+    thread.join()
+    # Then the child used the cluster and exited, rather than waiting forever
+    # on a lock its copy of the thread would never release
+    deadline = time.monotonic() + 15
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung on a lock held at fork()")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(done[1]) == 0
 
 
 def test_status_scans_every_master(backend: Backend) -> None:

@@ -18,6 +18,7 @@ from celery import Celery
 from celery_dedup.connection import Backend, get_backend
 from celery_dedup.lease import member
 from celery_dedup.model import ClaimStatus, LeaseStatus, Renewal
+from celery_dedup.store import NotReplicated, Store
 from tests.redis_topologies import SentinelSet, client
 from tests.rig import Recorder, RedisServer, Worker
 
@@ -125,3 +126,58 @@ def test_a_prefork_worker_follows_a_failover(
             assert len(master.keys("dedup:*:done:*")) == 4
     finally:
         scenario_app.configure(redis_server.url())
+
+
+# -- dedup_lease_replicas: lease writes a failover cannot lose -----------------
+
+
+def test_lease_writes_wait_for_the_replica(sentinels: SentinelSet) -> None:
+    backend = backend_of(sentinels.url, dedup_lease_replicas=1)
+    try:
+        store, key, task_id = backend.store, uuid.uuid4().hex, uuid.uuid4().hex
+        held_by = member(task_id, "h", 1, None)
+        acquired = store.acquire(
+            key, held_by, task_id, ttl=30, max_running=1, fence_ttl=90,
+            free_claim=False,
+        )  # fmt: skip
+        assert acquired.status is LeaseStatus.ACQUIRED
+        renewal = store.renew(key, held_by, 30, client=backend.heartbeat_redis)
+        assert renewal is Renewal.RENEWED
+        # the replica has both writes as soon as they are answered
+        with client(sentinels.replica) as replica:
+            expiry = replica.zscore(store.names(key).lease, held_by)
+        with client(sentinels.master) as master:
+            assert expiry == master.zscore(store.names(key).lease, held_by)
+    finally:
+        backend.close()
+
+
+def test_a_lease_no_replica_acknowledged_is_given_back(
+    redis_server: RedisServer,
+) -> None:
+    # Given a Redis without replicas, and a setting asking for one
+    backend = backend_of(
+        redis_server.url(), dedup_lease_replicas=1, dedup_lease_replicas_timeout=0.2
+    )
+    try:
+        store, key, task_id = backend.store, uuid.uuid4().hex, uuid.uuid4().hex
+        held_by = member(task_id, "h", 1, None)
+        # When a task takes the lease (and the claim with it)
+        with pytest.raises(NotReplicated, match="reached 0 of 1 replica"):
+            store.acquire(
+                key, held_by, task_id, ttl=30, max_running=1, fence_ttl=90,
+                free_claim=False, claim_ttl=60,
+            )  # fmt: skip
+        # Then it holds neither: the lease was given back, the claim freed
+        names = store.names(key)
+        assert not redis_server.client().exists(names.lease, names.claim)
+        # and a renewal no replica has is an error too (the heartbeat retries)
+        plain = Store(redis_server.client(), "dedup")
+        plain.acquire(
+            key, held_by, task_id, ttl=30, max_running=1, fence_ttl=90,
+            free_claim=False,
+        )  # fmt: skip
+        with pytest.raises(NotReplicated, match="renewal"):
+            store.renew(key, held_by, 30)
+    finally:
+        backend.close()

@@ -192,6 +192,7 @@ def test_entries_that_do_nothing_and_a_short_lease_are_warned_about_at_start(
         broker=redis_url,
         backend=redis_url,
         dedup_lock_ttl=0.5,
+        dedup_lease_replicas=1,
         dedup_tasks={"proj.missing": {}, "proj.plain": {"dedup_ttl": 60}},
     )
     warnings = [
@@ -199,6 +200,8 @@ def test_entries_that_do_nothing_and_a_short_lease_are_warned_about_at_start(
         "dedup_tasks['proj.plain']: the task is not a DedupTask and "
         "celery_dedup.install(app) was not called",
         "proj.job: dedup_lock_ttl (0.5s) is under a second",
+        "proj.job: dedup_lease_replicas_timeout (1s) is over a third of its "
+        "dedup_lock_ttl (0.5s)",
     ]
     worker = Worker(
         "proj", "startup-checks", env, tmp_path, name="warned", concurrency=1

@@ -81,6 +81,9 @@ def test_every_setting_is_read() -> None:
         ),
         ({"dedup_outbox_max_payload": 0}, "dedup_outbox_max_payload"),
         ({"dedup_outbox_max_payload": 1.5}, "dedup_outbox_max_payload"),
+        ({"dedup_lease_replicas": -1}, "dedup_lease_replicas"),
+        ({"dedup_lease_replicas": True}, "dedup_lease_replicas"),
+        ({"dedup_lease_replicas_timeout": 0}, "dedup_lease_replicas_timeout"),
     ],
 )
 def test_a_bad_setting_is_named(settings: dict[str, Any], named: str) -> None:

@@ -66,8 +66,8 @@ def test_patched_threading_is_green_and_warned_of_once(
     monkeypatch.setitem(sys.modules, module, fake_module(module, True, function))
     assert lease.green_threads() == library
     with caplog.at_level(logging.WARNING, logger=lease.__name__):
-        lease._warn_if_green()
-        lease._warn_if_green()
+        lease.warn_if_green()
+        lease.warn_if_green()
     [warning] = caplog.records
     message = warning.getMessage()
     assert f"threads are {library} greenlets" in message
@@ -78,5 +78,5 @@ def test_patched_threading_is_green_and_warned_of_once(
 @pytest.mark.usefixtures("no_green")
 def test_no_warning_for_real_threads(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger=lease.__name__):
-        lease._warn_if_green()
+        lease.warn_if_green()
     assert caplog.records == []
