@@ -83,6 +83,10 @@ class Backend:
 
 
 _backends: weakref.WeakKeyDictionary[Celery, Backend] = weakref.WeakKeyDictionary()
+#: The clients given by :func:`use_client`: ``(commands, renewals)``.
+_given: weakref.WeakKeyDictionary[Celery, tuple[Client, Client]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def redis_url(app: Celery) -> str:
@@ -288,12 +292,16 @@ def get_backend(app: Celery) -> Backend:
         return _backends[app]
     except KeyError:
         config = get_config(app)
-        target = parse_url(redis_url(app), config.redis_options)
-        client = _client(target, _TIMEOUT, health_check_interval=30)
-        # Renewals get their own connections, with short timeouts.
-        heartbeat = _client(target, _HEARTBEAT_TIMEOUT)
-        for each in (client, heartbeat):
-            _hold_across_fork(each)
+        given = _given.get(app)
+        if given is not None:  # use_client()
+            client, heartbeat = given
+        else:
+            target = parse_url(redis_url(app), config.redis_options)
+            client = _client(target, _TIMEOUT, health_check_interval=30)
+            # Renewals get their own connections, with short timeouts.
+            heartbeat = _client(target, _HEARTBEAT_TIMEOUT)
+            for each in (client, heartbeat):
+                _hold_across_fork(each)
         # Store only registers scripts and runs them: RedisCluster has both,
         # with each script routed to the slot of its keys (one hash tag).
         store = Store(
@@ -356,6 +364,26 @@ def _hold_across_fork(client: Client) -> None:
 def live_backends() -> list[Backend]:
     """The backends this process has built (to flush their work at exit)."""
     return list(_backends.values())
+
+
+def use_client(
+    app: Celery, client: Client | None, heartbeat: Client | None = None
+) -> None:
+    """Make ``app`` talk to Redis through ``client`` instead of connecting to
+    ``dedup_redis_url``; ``None`` undoes it. For tests: the pytest plugin
+    :mod:`celery_dedup.testing` passes a ``fakeredis.FakeRedis`` client.
+
+    ``heartbeat`` runs the lease renewals (default: ``client``). The other
+    settings are still read from ``app.conf``. The app's backend is
+    :func:`reset`, so its next use is built on the new client; a later
+    :func:`reset` keeps the client given here (and closes its connections,
+    which redis-py opens again when next used).
+    """
+    reset(app)
+    if client is None:
+        _given.pop(app, None)
+    else:
+        _given[app] = (client, client if heartbeat is None else heartbeat)
 
 
 def reset(app: Celery) -> None:

@@ -1,0 +1,1 @@
+"""Tests of ``celery_dedup.testing``, the pytest plugin for users' tests."""
