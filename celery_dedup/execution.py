@@ -138,6 +138,7 @@ def run(task: DedupTask, request: Any, body: Callable[[], Any]) -> Any:
         )
     except redis.RedisError as exc:
         error: redis.RedisError | None = exc
+        _undo_acquire(backend, delivery, held_by)
     else:
         error = None
     act = model.on_acquire(
@@ -181,6 +182,27 @@ def run(task: DedupTask, request: Any, body: Callable[[], Any]) -> Any:
     assert answer is not None
     holder = delivery.task_id if act is Act.DROP_DONE else answer.holder
     _end_unrun(task, backend, delivery, act, holder)
+
+
+def _undo_acquire(backend: Backend, delivery: Delivery, held_by: str) -> None:
+    """Give back, in the background, the lease a failed acquire may have
+    taken all the same: a request that timed out (a paused or cut-off Redis)
+    may have reached Redis, which runs it when it answers again. Left there,
+    the lease would hold the key, and keep this task's own rescheduled copy
+    waiting, until ``dedup_lock_ttl``.
+
+    The release is sent twice: the second leaves only once the first was
+    answered, so after Redis ran what it had received before, the acquire
+    included. ``held_by`` names this delivery alone (see ``lease.member``).
+    """
+
+    def release() -> None:
+        for _ in range(2):
+            backend.store.release(
+                delivery.key, held_by, delivery.task_id, free_claim=False, done_ttl=0
+            )
+
+    backend.heartbeat.later(release, time.monotonic() + delivery.opts.lock_ttl)
 
 
 def _run_leased(
@@ -340,6 +362,8 @@ def _end_unrun(
     notify.deduplicated(task.name, delivery.key, delivery.task_id, holder, "execution")
     release = model.on_drop(delivery.opts.lock, has_claim=delivery.has_claim)
     free(backend, delivery, "", release, task.name, retry_for=delivery.opts.ttl)
+    if act is Act.DROP_DONE and not task.ignore_result:
+        _warn_if_result_lost(task, delivery)
     error = DuplicateTaskError(delivery.key, holder, task.name)
     if act is Act.RAISE_DUPLICATE:
         raise error
@@ -349,6 +373,28 @@ def _end_unrun(
             delivery.task_id, error, states.FAILURE, request=task.request
         )
     raise Ignore()
+
+
+def _warn_if_result_lost(task: DedupTask, delivery: Delivery) -> None:
+    """Say so when a copy of a task that succeeded is dropped while its
+    result was never stored: its process died after the body succeeded (and
+    its completion was recorded) but before Celery stored the result. The
+    body is not run again, so the result stays PENDING (a known limit, see
+    docs/fault-injection.md)."""
+    try:
+        state = task.backend.get_state(delivery.task_id)
+    except Exception:  # a warning only; the drop stands
+        return
+    if state not in states.READY_STATES:
+        notify.logger.error(
+            "%s[%s] succeeded earlier, but its process died before its result "
+            "was stored: this copy is dropped (not run again), and its result "
+            "stays %s",
+            task.name,
+            delivery.task_id,
+            state,
+            extra=notify.extra(task.name, delivery.key, delivery.task_id),
+        )
 
 
 def poll(opts: TaskOptions, wait: float) -> float:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+import celery
 import redis
 from celery import Task, current_task
+from celery.app.task import Context
 from celery.canvas import Signature
 from celery.result import AsyncResult
 from celery.utils import uuid
@@ -261,6 +264,8 @@ class DedupTask(_TaskBase):
             had_claim=had_claim,
         )
         if not isinstance(answer, Claim):  # Redis failed
+            if not (had_claim or decision.claim):
+                self._undo_claim(key, task_id, ttl)
             if decision.raise_unavailable:
                 raise BackendUnavailableError(
                     "the enqueue claim", answer, display_url(self.app)
@@ -321,11 +326,57 @@ class DedupTask(_TaskBase):
         call was deduplicated."""
         return self.apply_async(args, kwargs)
 
+    def delay_on_commit(self, *args: Any, **kwargs: Any) -> None:
+        """``delay(*args, **kwargs)`` once Django's current transaction commits.
+
+        As Celery's ``DjangoTask.delay_on_commit`` (which a ``DedupTask`` does
+        not inherit), on every Celery version: it hands the call to
+        ``django.db.transaction.on_commit``, so a rollback publishes nothing
+        and takes no claim; outside ``atomic()`` it runs at once. Returns
+        None: the result exists only after the commit. Needs Django.
+        """
+        try:
+            from django.db import transaction  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: PLC0415
+        except ImportError as exc:
+            raise ImportError(
+                "DedupTask.delay_on_commit needs Django (pip install django)"
+            ) from exc
+        transaction.on_commit(functools.partial(self.delay, *args, **kwargs))
+
+    def apply_async_on_commit(self, *args: Any, **kwargs: Any) -> None:
+        """``apply_async(*args, **kwargs)`` once Django's current transaction
+        commits: as :meth:`delay_on_commit`, with ``apply_async``'s arguments
+        (``dedup_*`` call options included). Needs Django."""
+        try:
+            from django.db import transaction  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: PLC0415
+        except ImportError as exc:
+            raise ImportError(
+                "DedupTask.apply_async_on_commit needs Django (pip install django)"
+            ) from exc
+        transaction.on_commit(functools.partial(self.apply_async, *args, **kwargs))
+
     def AsyncResult(self, task_id: str, **kwargs: Any) -> DedupResult:
         """Get the :class:`DedupResult` of ``task_id``."""
         return DedupResult(
             task_id, backend=self.backend, task_name=self.name, app=self.app, **kwargs
         )
+
+    def _undo_claim(self, key: str, task_id: str, ttl: float) -> None:
+        """Give back, in the background, the claim a failed request may have
+        taken all the same: one that timed out (a paused or cut-off Redis)
+        runs when Redis answers again, and would hold the key for ``ttl`` for
+        a task that was not published, or was published holding no claim.
+
+        Sent twice: the second leaves only once the first was answered, so
+        after Redis ran what it had received before (see
+        ``execution._undo_acquire``)."""
+        store = get_backend(self.app).store
+
+        def release() -> None:
+            for _ in range(2):
+                store.release_claim(key, task_id)
+
+        get_backend(self.app).heartbeat.later(release, time.monotonic() + ttl)
 
     def _release_claim(self, key: str, task_id: str, opts: TaskOptions) -> None:
         """Free the claim of a publish that failed."""
@@ -359,6 +410,17 @@ class DedupTask(_TaskBase):
             return super(DedupTask, self).__call__(*args, **kwargs)
 
         return execution.run(self, request, body)
+
+    if celery.VERSION < (5, 5):
+
+        def push_request(self, *args: Any, **kwargs: Any) -> None:
+            """Push a request that keeps the current one's fields, as Celery
+            5.5 and later do. Before 5.5, ``Task.__call__`` pushed a bare
+            context, so that a body run through ``__call__`` (this class
+            defines one) by an embedded worker (``celery.contrib.testing``) or
+            by ``apply()`` saw no ``request.id``, no ``dedup_fence`` and no
+            retries count, unlike a plain task's body."""
+            self.request_stack.push(Context(*args, **{**vars(self.request), **kwargs}))
 
     def on_replace(self, sig: Any) -> Any:
         """``self.replace(sig)``: if ``sig`` is this task with the same key,

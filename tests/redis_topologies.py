@@ -187,7 +187,10 @@ class SentinelSet(_Processes):
         """The port of the master as the sentinel's master record has it:
         what clients (redis-py's ``discover_master``) connect to."""
         with client(self.sentinel) as c:
-            return int(c.sentinel_master(self.name)["port"])
+            # Raw: redis-py 6.4's sentinel_master() fails to parse its reply.
+            raw = c.execute_command("SENTINEL", "MASTER", self.name)
+        fields = dict(zip(raw[::2], raw[1::2], strict=True))
+        return int(fields.get(b"port", fields.get("port")))
 
     def failover(self, timeout: float = 30) -> int:
         """``SENTINEL FAILOVER``, then wait until it is over: the sentinel's

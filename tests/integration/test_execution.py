@@ -170,3 +170,29 @@ def test_a_worker_warns_about_a_risky_setting(
 ) -> None:
     worker = workers(concurrency=1, conf={"dedup_done_ttl": 60})
     assert "celery-dedup: dedup_done_ttl (60s) is shorter" in worker.log()
+
+
+def test_a_body_sees_its_request_in_an_embedded_worker_and_in_apply(
+    scenario_app: Any, recorder: Recorder, queue: str
+) -> None:
+    """A body sees its own request, as a plain task's does, however it runs:
+    Celery before 5.5 pushed a bare request in ``Task.__call__``, which a
+    DedupTask calls (a prefork worker's stack protection skips it)."""
+    from celery.contrib.testing.worker import start_worker
+
+    task = scenario_app.close_campaign
+    with start_worker(
+        scenario_app.app, pool="solo", queues=[queue], perform_ping_check=False
+    ):
+        # (no result: the worker thread's own backend client would be left
+        # for the garbage collector to close)
+        result = task.apply_async((23, 0.01), queue=queue, ignore_result=True)
+        wait_for(lambda: recorder.runs("close_campaign"), 20, "the body")
+    eager = task.apply((24, 0.01))
+    assert eager.get() == 24
+    leased, applied = recorder.runs("close_campaign")
+    assert leased["task_id"] == result.id
+    assert isinstance(leased["fence"], int)
+    assert leased["lease_valid"] is True
+    assert applied["task_id"] == eager.id
+    assert applied["fence"] is None  # eager: no lease
