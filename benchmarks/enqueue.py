@@ -2,11 +2,14 @@
 
     python3 benchmarks/enqueue.py [--calls 3000] [--rounds 5] [--redis-url URL]
 
-Starts a private redis-server on a free port unless --redis-url is given. Each
+Starts a private redis-server on a free port unless --redis-url is given: the
+broker and the lock store (``dedup_redis_url``). A cluster or Sentinel URL
+(``redis+cluster://``, ``redis+sentinel://``) is the lock store only, with a
+private broker. Both are flushed (FLUSHDB) before each round. Each
 round times N distinct calls of a plain task and of a DedupTask (alternating,
 so both see the same machine), then N identical calls of the DedupTask (all
 but the first deduplicated). Prints the median microseconds per call and the
-ratio, and a redis-py round trip (PING) for scale.
+ratio, and a round trip to the lock store (PING) for scale.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from celery import Celery
 from common import private_redis
 
 from celery_dedup import DedupTask
+from celery_dedup.connection import get_backend, parse_url
 
 
 def per_call_us(call: Callable[[int], object], n: int) -> float:
@@ -37,12 +41,16 @@ def main() -> None:
     parser.add_argument("--redis-url")
     options = parser.parse_args()
     stop = None
-    url = options.redis_url
-    if url is None:
-        url, stop = private_redis()
+    url = broker_url = options.redis_url
+    if url is None or parse_url(url).kind != "server":
+        broker_url, stop = private_redis()
     try:
-        app = Celery("bench", broker=url, set_as_current=False)
-        app.conf.update(task_default_queue="bench-enqueue", dedup_ttl=600)
+        app = Celery("bench", broker=broker_url, set_as_current=False)
+        app.conf.update(
+            task_default_queue="bench-enqueue",
+            dedup_ttl=600,
+            dedup_redis_url=url or broker_url,
+        )
 
         @app.task(name="bench.plain", shared=False)
         def plain(n: int) -> None: ...
@@ -50,7 +58,8 @@ def main() -> None:
         @app.task(base=DedupTask, name="bench.dedup", shared=False)
         def dedup(n: int) -> None: ...
 
-        client = redis.Redis.from_url(url)
+        broker = redis.Redis.from_url(broker_url)
+        client = get_backend(app).redis  # the lock store
 
         def plain_and_ping(i: int) -> None:
             """Plain apply_async plus one Redis round trip: what 1 RTT costs here."""
@@ -64,6 +73,7 @@ def main() -> None:
         plain_us, dedup_us, same_us, ping_us, one_rtt_us = [], [], [], [], []
         n = options.calls
         for r in range(options.rounds):
+            broker.flushdb()
             client.flushdb()
             base = (r + 1) * 10 * n
             plain_us.append(per_call_us(lambda i: plain.apply_async((i,)), n))
@@ -73,7 +83,9 @@ def main() -> None:
             )
             same_us.append(per_call_us(lambda i: dedup.apply_async((0,)), n))
             ping_us.append(per_call_us(lambda i: client.ping(), n))
+        broker.flushdb()
         client.flushdb()
+        broker.close()
         client.close()
     finally:
         if stop is not None:

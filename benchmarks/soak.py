@@ -114,7 +114,7 @@ class Body:
     task_id: str
     mode: str
     dedup_key: str
-    fence: int
+    fence: int | None
     pid: int
     start: float
     end: float | None = None
@@ -631,7 +631,9 @@ def bodies_of(
     """Every body, with its end: recorded, or the SIGKILL of its process.
     Returns the bodies and how many neither ended nor were killed (they are
     taken to run to the end of time)."""
-    ends = {(e["dedup_key"], e["fence"], e["task_id"]): e for e in ended}
+    # One body: its task id, process and start (a retry has the task id of
+    # its first try, and no fence when dedup_max_running allows two).
+    ends = {(e["task_id"], e["pid"], e["start"]): e for e in ended}
     kills_of: dict[int, list[float]] = collections.defaultdict(list)
     for kill in kills:
         kills_of[kill["pid"]].append(kill["at"])
@@ -640,7 +642,7 @@ def bodies_of(
         body = Body(
             s["task_id"], s["mode"], s["dedup_key"], s["fence"], s["pid"], s["start"]
         )
-        end = ends.get((s["dedup_key"], s["fence"], s["task_id"]))
+        end = ends.get((s["task_id"], s["pid"], s["start"]))
         if end is not None:
             body.end = end["end"]
             body.outcome = end["outcome"]
@@ -677,7 +679,9 @@ def overlaps(bodies: list[Body]) -> dict[str, Any]:
         if here > 1:
             worst.append(key)
         most_valid = max(most_valid, here)
-        ordered = sorted((b for b in group if b.lease_valid), key=lambda b: b.start)
+        # (no fence when more than one holder is allowed: dedup_max_running)
+        fenced = (b for b in group if b.lease_valid and b.fence is not None)
+        ordered = sorted(fenced, key=lambda b: b.start)
         inversions += [
             f"{key}: {a.fence} then {b.fence}"
             for a, b in itertools.pairwise(ordered)

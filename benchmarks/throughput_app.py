@@ -15,6 +15,8 @@ app.conf.update(
     task_default_queue="bench-throughput",
     broker_connection_retry_on_startup=True,
 )
+if os.environ.get("BENCH_DEDUP_URL"):  # the lock store; else the broker's Redis
+    app.conf.dedup_redis_url = os.environ["BENCH_DEDUP_URL"]
 
 
 @app.task(name="bench.plain_noop")

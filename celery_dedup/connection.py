@@ -277,10 +277,10 @@ def _client(target: Target, timeout: float, **extra: Any) -> Client:
             raise redis.ConnectionError(f"Redis Cluster unreachable: {exc}") from exc
     # The sentinels are asked with the same timeouts; a master_for client
     # asks them again for the master after a failover drops its connections.
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
         list(target.nodes), sentinel_kwargs={**timeouts, **target.sentinel_kwargs}
     )
-    client: Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    client: Redis = sentinel.master_for(  # type: ignore[no-untyped-call,unused-ignore]
         target.master_name, db=target.db, **auth, **timeouts, **extra
     )
     return client

@@ -370,13 +370,16 @@ class DedupTask(_TaskBase):
         Sent twice: the second leaves only once the first was answered, so
         after Redis ran what it had received before (see
         ``execution._undo_acquire``)."""
-        store = get_backend(self.app).store
+        try:
+            backend = get_backend(self.app)
+        except redis.RedisError:
+            return  # no client could be made: no request was sent
 
         def release() -> None:
             for _ in range(2):
-                store.release_claim(key, task_id)
+                backend.store.release_claim(key, task_id)
 
-        get_backend(self.app).heartbeat.later(release, time.monotonic() + ttl)
+        backend.heartbeat.later(release, time.monotonic() + ttl)
 
     def _release_claim(self, key: str, task_id: str, opts: TaskOptions) -> None:
         """Free the claim of a publish that failed."""

@@ -189,8 +189,9 @@ class SentinelSet(_Processes):
         with client(self.sentinel) as c:
             # Raw: redis-py 6.4's sentinel_master() fails to parse its reply.
             raw = c.execute_command("SENTINEL", "MASTER", self.name)
-        fields = dict(zip(raw[::2], raw[1::2], strict=True))
-        return int(fields.get(b"port", fields.get("port")))
+        if not isinstance(raw, dict):  # a flat list of fields and values
+            raw = dict(zip(raw[::2], raw[1::2], strict=True))
+        return int(raw.get(b"port", raw.get("port")))
 
     def failover(self, timeout: float = 30) -> int:
         """``SENTINEL FAILOVER``, then wait until it is over: the sentinel's
