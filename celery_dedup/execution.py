@@ -189,20 +189,28 @@ def _undo_acquire(backend: Backend, delivery: Delivery, held_by: str) -> None:
     taken all the same: a request that timed out (a paused or cut-off Redis)
     may have reached Redis, which runs it when it answers again. Left there,
     the lease would hold the key, and keep this task's own rescheduled copy
-    waiting, until ``dedup_lock_ttl``.
+    waiting, until ``dedup_lock_ttl``. ``held_by`` names this delivery alone
+    (see ``lease.member``)."""
+    undo_later(
+        backend,
+        lambda: backend.store.release(
+            delivery.key, held_by, delivery.task_id, free_claim=False, done_ttl=0
+        ),
+        delivery.opts.lock_ttl,
+    )
 
-    The release is sent twice: the second leaves only once the first was
-    answered, so after Redis ran what it had received before, the acquire
-    included. ``held_by`` names this delivery alone (see ``lease.member``).
-    """
 
-    def release() -> None:
-        for _ in range(2):
-            backend.store.release(
-                delivery.key, held_by, delivery.task_id, free_claim=False, done_ttl=0
-            )
+def undo_later(backend: Backend, undo: Callable[[], object], within: float) -> None:
+    """Run ``undo`` twice in the background, retried for up to ``within`` s,
+    to take back what a request that failed may have done all the same. The
+    second leaves only once the first was answered, so after Redis ran what
+    it had received before, the failed request included."""
 
-    backend.heartbeat.later(release, time.monotonic() + delivery.opts.lock_ttl)
+    def twice() -> None:
+        undo()
+        undo()
+
+    backend.heartbeat.later(twice, time.monotonic() + within)
 
 
 def _run_leased(

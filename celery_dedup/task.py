@@ -9,8 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import celery
@@ -335,25 +334,14 @@ class DedupTask(_TaskBase):
         and takes no claim; outside ``atomic()`` it runs at once. Returns
         None: the result exists only after the commit. Needs Django.
         """
-        try:
-            from django.db import transaction  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: PLC0415
-        except ImportError as exc:
-            raise ImportError(
-                "DedupTask.delay_on_commit needs Django (pip install django)"
-            ) from exc
-        transaction.on_commit(functools.partial(self.delay, *args, **kwargs))
+        _on_commit("delay_on_commit", functools.partial(self.delay, *args, **kwargs))
 
     def apply_async_on_commit(self, *args: Any, **kwargs: Any) -> None:
         """``apply_async(*args, **kwargs)`` once Django's current transaction
         commits: as :meth:`delay_on_commit`, with ``apply_async``'s arguments
         (``dedup_*`` call options included). Needs Django."""
-        try:
-            from django.db import transaction  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: PLC0415
-        except ImportError as exc:
-            raise ImportError(
-                "DedupTask.apply_async_on_commit needs Django (pip install django)"
-            ) from exc
-        transaction.on_commit(functools.partial(self.apply_async, *args, **kwargs))
+        call = functools.partial(self.apply_async, *args, **kwargs)
+        _on_commit("apply_async_on_commit", call)
 
     def AsyncResult(self, task_id: str, **kwargs: Any) -> DedupResult:
         """Get the :class:`DedupResult` of ``task_id``."""
@@ -367,19 +355,14 @@ class DedupTask(_TaskBase):
         runs when Redis answers again, and would hold the key for ``ttl`` for
         a task that was not published, or was published holding no claim.
 
-        Sent twice: the second leaves only once the first was answered, so
-        after Redis ran what it had received before (see
-        ``execution._undo_acquire``)."""
+        See :func:`execution.undo_later`."""
         try:
             backend = get_backend(self.app)
         except redis.RedisError:
             return  # no client could be made: no request was sent
-
-        def release() -> None:
-            for _ in range(2):
-                backend.store.release_claim(key, task_id)
-
-        backend.heartbeat.later(release, time.monotonic() + ttl)
+        execution.undo_later(
+            backend, lambda: backend.store.release_claim(key, task_id), ttl
+        )
 
     def _release_claim(self, key: str, task_id: str, opts: TaskOptions) -> None:
         """Free the claim of a publish that failed."""
@@ -473,3 +456,14 @@ def current_fence() -> tuple[str, int] | None:
     if fence is None or key is None:
         return None
     return str(key), int(fence)
+
+
+def _on_commit(method: str, call: Callable[[], object]) -> None:
+    """Hand ``call`` to Django's ``transaction.on_commit``."""
+    try:
+        from django.db import transaction  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: PLC0415
+    except ImportError as exc:
+        raise ImportError(
+            f"DedupTask.{method} needs Django (pip install django)"
+        ) from exc
+    transaction.on_commit(call)

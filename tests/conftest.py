@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.redis_topologies import Cluster
 from tests.rig import Recorder, RedisServer, Worker
 
 pytest_plugins = ("celery.contrib.pytest",)
@@ -31,6 +32,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """A Redis Cluster of three masters, one per test module that asks."""
+    started = Cluster(masters=3).start()
+    yield started
+    started.stop()
 
 
 @pytest.fixture

@@ -21,13 +21,6 @@ from tests.rig import ROOT
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    started = Cluster(masters=3).start()
-    yield started
-    started.stop()
-
-
 @pytest.fixture
 def cluster_client(cluster: Cluster) -> Iterator[RedisCluster]:
     client = RedisCluster(host="127.0.0.1", port=cluster.ports[0])

@@ -30,13 +30,6 @@ from tests.rig import Recorder, RedisServer, Worker
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    started = Cluster(masters=3).start()
-    yield started
-    started.stop()
-
-
 @pytest.fixture
 def backend(cluster: Cluster) -> Iterator[Backend]:
     app = Celery("cluster-test", broker="memory://", set_as_current=False)
